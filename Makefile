@@ -1,0 +1,40 @@
+# Everything a fresh machine needs is installed by these targets: a venv with
+# the runner and its test tools, and the Claude Code CLI from npm.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CLAUDE_CODE_VERSION ?= 2.1.197
+CLAUDE_DIR := .cache/claude-code-$(CLAUDE_CODE_VERSION)
+CLAUDE := $(CLAUDE_DIR)/node_modules/.bin/claude
+export SHEPHERD_TEST_CLAUDE_BIN := $(abspath $(CLAUDE))
+
+.PHONY: install claude test test-e2e lint run demo image image-test clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,lint]'
+	touch $@
+
+$(CLAUDE):
+	npm install --prefix $(CLAUDE_DIR) --no-audit --no-fund --loglevel=error \
+		@anthropic-ai/claude-code@$(CLAUDE_CODE_VERSION)
+
+install: $(VENV)/.installed
+claude: $(CLAUDE)
+
+test: install claude
+	$(PY) -m pytest
+
+test-e2e: install claude
+	$(PY) -m pytest -m e2e
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+run: install
+	$(PY) -m shepherd_runner serve
+
+clean:
+	rm -rf $(VENV) .cache build *.egg-info
