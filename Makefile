@@ -38,3 +38,6 @@ run: install
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info
+
+# The container image: `make image`, `make image-test` (buildah/podman, root).
+include deploy/image.mk

@@ -1,0 +1,1 @@
+# image targets: written by the image work
