@@ -1,0 +1,1909 @@
+"""shepherd-runner: runs one Shepherd coding task in its pod.
+
+The operator POSTs one assignment to :8888/task; the runner then fetches the
+task and a one-time GitHub token from the Shepherd API, clones the repository,
+runs the Claude Code CLI headless on the branch ``shepherd/{taskID}``, streams
+the agent's activity to the API as events, makes sure the work ends as a pull
+request, reports ``completed`` or ``failed`` and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import ctypes
+import dataclasses
+import datetime
+import http
+import http.server
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+__version__ = "0.1.0"
+
+# Exit codes, mapped in one place (`main`).
+EXIT_OK = 0  # a terminal status was delivered, or there was nothing to do
+EXIT_UNDELIVERED = 1  # the task ended but no terminal status reached the API
+EXIT_USAGE = 2  # invalid configuration; nothing was started
+EXIT_LISTEN = 3  # the assignment address could not be bound
+
+DEFAULT_ADDR = ":8888"
+MAX_ASSIGNMENT_BYTES = 1 << 20
+# A Kubernetes object name (DNS-1123 subdomain): it ends up in URL paths, the
+# branch name and log lines, so nothing else is let through.
+TASK_ID_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+TASK_ID_MAX = 253
+BRANCH_PREFIX = "shepherd/"
+GIT_IDENTITY = ("Shepherd Bot", "shepherd-bot@users.noreply.github.com")
+
+API_TIMEOUT = (5, 30)  # (connect, read) seconds for every Shepherd API call
+GITHUB_TIMEOUT = (5, 30)
+GIT_TIMEOUT = 300  # clone of a large repository; every other git call is quick
+KILL_GRACE = 5.0  # SIGTERM -> SIGKILL for the agent's processes
+STDERR_TAIL_LINES = 40
+MAX_LINE_BYTES = 8 << 20  # one stream-json line; longer ones are skipped
+SUMMARY_LIMIT = 300  # characters in an event summary
+TEXT_LIMIT = 2000  # characters of agent text kept in a thinking event
+INPUT_STRING_LIMIT = 200  # characters of each string in a condensed tool input
+
+# Events: flush a batch at EVENT_BATCH events or EVENT_FLUSH_SECONDS after the
+# oldest queued event; past EVENT_QUEUE_SOFT queued events the low-value kinds
+# are dropped, past EVENT_QUEUE_HARD everything is (and counted).
+EVENT_BATCH = 50
+EVENT_FLUSH_SECONDS = 0.25
+EVENT_QUEUE_SOFT = 2000
+EVENT_QUEUE_HARD = 10000
+EVENT_FLUSH_DEADLINE = 10.0  # seconds to drain the queue before the final status
+LOW_VALUE_EVENTS = frozenset({"thinking", "tool_result"})
+
+log = logging.getLogger("shepherd_runner")
+
+
+# ---------------------------------------------------------------------------
+# errors, logging and redaction
+# ---------------------------------------------------------------------------
+
+
+class Failure(Exception):
+    """A step failed for a reason a person can act on: becomes `failed`."""
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class TaskGone(Exception):
+    """The API says the task is already terminal (410): nothing to report."""
+
+
+class UsageError(Exception):
+    pass
+
+
+class Redactor:
+    """Blanks secrets: the task's token and API key, and anything shaped like one."""
+
+    MASK = "[REDACTED]"
+    PATTERNS = (
+        re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{16,}|github_pat_[A-Za-z0-9_]{20,})"),
+        re.compile(r"\bsk-ant-[A-Za-z0-9_\-]{8,}"),
+        re.compile(r"(?i)(?<=authorization: )(?:(?:bearer|token|basic) )?[^\s\"',]+"),
+        re.compile(r"(?<=://)[^/\s:@\"']+:[^/\s@\"']+(?=@)"),
+    )
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        self._secrets: set[str] = set()
+        for secret in secrets:
+            self.add(secret)
+
+    def add(self, secret: str | None) -> None:
+        # Short values would blank ordinary words; real tokens are long.
+        if secret and len(secret) >= 8:
+            self._secrets.add(secret)
+
+    def __call__(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, self.MASK)
+        for pattern in self.PATTERNS:
+            text = pattern.sub(self.MASK, text)
+        return text
+
+    def deep(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self(value)
+        if isinstance(value, dict):
+            return {k: self.deep(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.deep(v) for v in value]
+        return value
+
+
+def _logfmt(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    if text and not re.search(r'[\s"=\\]', text) and text.isprintable():
+        return text
+    return json.dumps(text)
+
+
+class _LogFormatter(logging.Formatter):
+    """`2026-11-23T10:00:00Z INFO message key=value ...`, one line, redacted."""
+
+    def __init__(self, redact: Redactor) -> None:
+        super().__init__()
+        self.redact = redact
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.created))
+        fields = getattr(record, "fields", {})
+        message = record.getMessage().replace("\n", " ")
+        line = f"{stamp} {record.levelname} {message}"
+        line += "".join(f" {key}={_logfmt(value)}" for key, value in fields.items())
+        return self.redact(line)
+
+
+def setup_logging(stream: Any, redact: Redactor) -> None:
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(_LogFormatter(redact))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def _log(level: int, text: str, /, **fields: Any) -> None:
+    log.log(level, text, extra={"fields": fields})
+
+
+def info(text: str, /, **fields: Any) -> None:
+    _log(logging.INFO, text, **fields)
+
+
+def warn(text: str, /, **fields: Any) -> None:
+    _log(logging.WARNING, text, **fields)
+
+
+def error(text: str, /, **fields: Any) -> None:
+    _log(logging.ERROR, text, **fields)
+
+
+@contextlib.contextmanager
+def step(name: str, **fields: Any) -> Iterator[None]:
+    """Logs a step of the flow with its duration."""
+    start = time.monotonic()
+    info(f"{name} started", **fields)
+    try:
+        yield
+    except BaseException as exc:
+        seconds = round(time.monotonic() - start, 3)
+        error(f"{name} failed", seconds=seconds, error=str(exc) or type(exc).__name__)
+        raise
+    info(f"{name} done", seconds=round(time.monotonic() - start, 3))
+
+
+def _now_rfc3339() -> str:
+    now = datetime.datetime.now(datetime.UTC)
+    return now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _cut(text: str, limit: int) -> str:
+    """At most `limit` characters (str slicing never splits a character)."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# ---------------------------------------------------------------------------
+# subprocesses
+# ---------------------------------------------------------------------------
+
+
+class CommandError(Exception):
+    """A command that failed: its argv, exit code and output, secrets blanked."""
+
+    def __init__(self, cmd: list[str], code: int, out: str, err: str, redact: Redactor) -> None:
+        self.cmd = [redact(c) for c in cmd]
+        self.code = code
+        self.out = redact(out)
+        self.err = redact(err)
+        detail = self.err.strip() or self.out.strip() or "no output"
+        super().__init__(f"{' '.join(self.cmd[:3])} exited with {code}: {_cut(detail, 800)}")
+
+
+def run(
+    cmd: list[str],
+    *,
+    cwd: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float = GIT_TIMEOUT,
+    stdin: str | None = None,
+) -> tuple[int, str, str]:
+    """Runs a command to completion: (exit code, stdout, stderr), never raises.
+
+    A missing program is 127 and a timeout 124, as a shell would say.
+    """
+    try:
+        proc = subprocess.run(
+            cmd,
+            cwd=cwd,
+            env=env,
+            input=stdin,
+            stdin=None if stdin is not None else subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return 124, "", f"{cmd[0]}: timed out after {timeout:g}s"
+    except FileNotFoundError as exc:
+        if cwd is not None and not os.path.isdir(cwd):
+            return 127, "", f"{cwd}: no such directory"
+        return 127, "", f"{exc.filename or cmd[0]}: command not found"
+    except OSError as exc:
+        return 126, "", f"{cmd[0]}: {exc.strerror}"
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+class Git:
+    """git in one repository, with the credential environment; raises CommandError."""
+
+    def __init__(self, cwd: str, env: Mapping[str, str], redact: Redactor) -> None:
+        self.cwd, self.env, self.redact = cwd, dict(env), redact
+
+    def __call__(self, *args: str, cwd: str | None = None, timeout: float = 60) -> str:
+        cmd = ["git", *args]
+        code, out, err = run(cmd, cwd=cwd or self.cwd, env=self.env, timeout=timeout)
+        if code != 0:
+            raise CommandError(cmd, code, out, err, self.redact)
+        return out.strip()
+
+    def ok(self, *args: str) -> bool:
+        return run(["git", *args], cwd=self.cwd, env=self.env, timeout=60)[0] == 0
+
+
+def git_env(environ: Mapping[str, str], repo_url: str, token: str) -> dict[str, str]:
+    """The environment that lets git (ours and the agent's) use the token.
+
+    The token lives only in GH_TOKEN; a credential helper scoped to the
+    repository's host reads it from there, so it is never in a URL, an argv or
+    .git/config. The helper is configured through GIT_CONFIG_* variables.
+    """
+    parts = urllib.parse.urlsplit(repo_url)
+    scope = f"{parts.scheme}://{parts.netloc}"
+    helper = (
+        '!f() { test "$1" = get || return 0; echo username=x-access-token; '
+        'echo "password=$GH_TOKEN"; }; f'
+    )
+    env = dict(environ)
+    base = int(env.get("GIT_CONFIG_COUNT", "0") or 0)
+    # An empty helper first drops any helper configured elsewhere for that host.
+    for i, (key, value) in enumerate(
+        [(f"credential.{scope}.helper", ""), (f"credential.{scope}.helper", helper)]
+    ):
+        env[f"GIT_CONFIG_KEY_{base + i}"] = key
+        env[f"GIT_CONFIG_VALUE_{base + i}"] = value
+    env["GIT_CONFIG_COUNT"] = str(base + 2)
+    env["GH_TOKEN"] = token
+    env["GIT_TERMINAL_PROMPT"] = "0"  # never wait for a password on a closed stdin
+    env["GIT_ALLOW_PROTOCOL"] = "http:https"  # no ext::, file:// or ssh in submodules
+    return env
+
+
+# ---------------------------------------------------------------------------
+# the Shepherd API
+# ---------------------------------------------------------------------------
+
+RETRY_STATUSES = (429, 500, 502, 503, 504)
+
+
+def api_retry(total: int = 10, backoff: float = 1.0) -> Retry:
+    """Connection errors, 429 and 5xx, with exponential backoff and jitter.
+
+    The defaults wait 0, 2, 4, 8, then 15 s at most between tries: about 90 s in
+    all, which outlasts an API restart.
+    """
+    return Retry(
+        total=total,
+        status_forcelist=RETRY_STATUSES,
+        allowed_methods=None,  # POST /status is idempotent: terminal events dedupe
+        backoff_factor=backoff,
+        backoff_max=15,
+        backoff_jitter=backoff / 2,
+        raise_on_status=False,
+        respect_retry_after_header=True,
+    )
+
+
+def token_retry(total: int = 5, backoff: float = 1.0) -> Retry:
+    # The server burns the token before it answers, so only a request that
+    # never reached it (refused, DNS, connect timeout) may be sent again.
+    return Retry(
+        total=total, connect=total, read=0, status=0, other=0, redirect=0,
+        backoff_factor=backoff, backoff_max=15, raise_on_status=False,
+    )  # fmt: skip
+
+
+class ApiError(Exception):
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ShepherdAPI:
+    """The runner's side of the internal API: `{apiURL}/api/v1/tasks/{taskID}`."""
+
+    def __init__(
+        self,
+        api_url: str,
+        task_id: str,
+        *,
+        session: requests.Session | None = None,
+        retry: Retry | None = None,
+        token_retries: Retry | None = None,
+        timeout: tuple[float, float] = API_TIMEOUT,
+        redact: Redactor | None = None,
+    ) -> None:
+        self.task_id = task_id
+        self.base = f"{api_url.rstrip('/')}/api/v1/tasks/{urllib.parse.quote(task_id, safe='')}"
+        self.session = session or requests.Session()
+        self.timeout = timeout
+        self.redact = redact or Redactor()
+        # requests picks the longest mounted prefix, so /token gets its own rules.
+        self.session.mount(self.base + "/", HTTPAdapter(max_retries=retry or api_retry()))
+        self.session.mount(
+            self.base + "/token", HTTPAdapter(max_retries=token_retries or token_retry())
+        )
+        self.session.mount(self.base + "/events", HTTPAdapter(max_retries=0))
+
+    def _request(self, method: str, path: str, body: Any = None) -> requests.Response:
+        try:
+            return self.session.request(
+                method, self.base + path, json=body, timeout=self.timeout
+            )  # requests sets Content-Type: application/json for json=
+        except requests.RequestException as exc:
+            raise ApiError(f"Shepherd API unreachable ({method} {path}): {_reason(exc)}") from None
+
+    def fetch_task_data(self) -> dict[str, Any]:
+        resp = self._request("GET", "/data")
+        if resp.status_code == 410:
+            raise TaskGone("the task is already terminal (410 on /data)")
+        if resp.status_code == 404:
+            raise ApiError(f"task {self.task_id} is unknown to the Shepherd API (404)", 404)
+        if resp.status_code != 200:
+            raise ApiError(f"fetching the task data failed: {_http_error(resp)}", resp.status_code)
+        data = _json_object(resp)
+        repo = data.get("repo")
+        if not isinstance(data.get("description"), str) or not isinstance(repo, dict):
+            raise ApiError("the task data lacks a description or a repo object")
+        if not isinstance(repo.get("url"), str) or not repo["url"]:
+            raise ApiError("the task data has no repo.url")
+        for key in ("context", "sourceURL"):
+            if not isinstance(data.get(key) or "", str):
+                raise ApiError(f"the task data's {key} is not a string")
+        if not isinstance(repo.get("ref") or "", str):
+            raise ApiError("the task data's repo.ref is not a string")
+        return data
+
+    def fetch_token(self) -> str:
+        resp = self._request("GET", "/token")
+        if resp.status_code == 200:
+            token = _json_object(resp).get("token")
+            if not isinstance(token, str) or not token:
+                raise ApiError("the token response has no token")
+            self.redact.add(token)
+            return token
+        if resp.status_code == 409:
+            raise ApiError("token already issued; this runner cannot obtain credentials", 409)
+        if resp.status_code == 410:
+            raise TaskGone("the task is already terminal (410 on /token)")
+        if resp.status_code == 503:
+            message = "the Shepherd API cannot issue GitHub tokens: its GitHub App is not configured"
+            raise ApiError(f"{message} (503)", 503)
+        if resp.status_code == 502:
+            raise ApiError(f"GitHub refused to issue a token: {_http_error(resp)}", 502)
+        raise ApiError(f"fetching the GitHub token failed: {_http_error(resp)}", resp.status_code)
+
+    def report_status(
+        self, event: str, message: str, details: Mapping[str, Any] | None = None
+    ) -> bool:
+        """Sends a status; True once the API accepted it. Never raises."""
+        body: dict[str, Any] = {"event": event, "message": self.redact(message)}
+        if details:
+            body["details"] = self.redact.deep(dict(details))
+        try:
+            resp = self._request("POST", "/status", body)
+        except ApiError as exc:
+            error("status not delivered", event=event, error=str(exc))
+            return False
+        if resp.status_code != 200:
+            error("status not delivered", event=event, error=_http_error(resp))
+            return False
+        note = _json_object(resp, strict=False).get("note")
+        info("status reported", event=event, message=body["message"], **({"note": note} if note else {}))
+        return True
+
+    def post_events(self, events: list[dict[str, Any]]) -> int:
+        """One attempt; the HTTP status, or 0 when the API could not be reached."""
+        try:
+            return self._request("POST", "/events", {"events": events}).status_code
+        except ApiError:
+            return 0
+
+
+def _reason(exc: BaseException) -> str:
+    # requests wraps urllib3's errors a few levels deep; the innermost says
+    # why, after the repr of a connection object.
+    while exc.args and isinstance(exc.args[0], BaseException):
+        exc = exc.args[0]
+    inner = getattr(exc, "reason", None)
+    text = str(inner if isinstance(inner, BaseException) else exc)
+    return re.sub(r"^<[^>]*>: ", "", text) or type(exc).__name__
+
+
+def _http_error(resp: requests.Response) -> str:
+    detail = ""
+    body = _json_object(resp, strict=False)
+    for key in ("error", "message", "details"):
+        if isinstance(body.get(key), str) and body[key]:
+            detail += f": {body[key]}"
+    return f"HTTP {resp.status_code}{_cut(detail, 300)}"
+
+
+def _json_object(resp: requests.Response, *, strict: bool = True) -> dict[str, Any]:
+    try:
+        data = resp.json()
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        return data
+    if strict:
+        raise ApiError(f"{resp.request.method} {resp.url} did not answer a JSON object")
+    return {}
+
+
+# ---------------------------------------------------------------------------
+# GitHub
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RepoURL:
+    url: str
+    scheme: str
+    host: str  # with the port, if any
+    owner: str
+    name: str
+
+    @property
+    def api_url(self) -> str:
+        if self.host == "github.com":
+            return "https://api.github.com"
+        return f"https://{self.host}/api/v3"  # GitHub Enterprise Server
+
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+
+
+def parse_repo_url(url: str) -> RepoURL:
+    """An https (or http) GitHub repository URL; anything else is refused before git runs."""
+    parts = urllib.parse.urlsplit(url.strip())
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise Failure(f"repository URL must be http(s)://host/owner/repo, got {url!r}")
+    if parts.username or parts.password:
+        raise Failure("repository URL must not carry credentials")
+    if parts.query or parts.fragment:
+        raise Failure(f"repository URL must not have a query or fragment: {url!r}")
+    segments = [s for s in parts.path.split("/") if s]
+    if len(segments) != 2:
+        raise Failure(f"repository URL must name owner/repo, got {url!r}")
+    owner, name = segments[0], segments[1].removesuffix(".git")
+    if not all(_NAME_RE.fullmatch(s) for s in (owner, name)) or name in (".", ".."):
+        raise Failure(f"repository URL has an invalid owner or name: {url!r}")
+    return RepoURL(url.strip(), parts.scheme, parts.netloc, owner, name)
+
+
+class GitHubError(Exception):
+    pass
+
+
+class GitHub:
+    """The few REST calls the runner needs, with `Authorization: Bearer <token>`."""
+
+    def __init__(
+        self,
+        repo: RepoURL,
+        token: str,
+        *,
+        api_url: str | None = None,
+        session: requests.Session | None = None,
+        timeout: tuple[float, float] = GITHUB_TIMEOUT,
+        retries: int = 3,
+    ) -> None:
+        self.repo = repo
+        self.api = (api_url or repo.api_url).rstrip("/")
+        self.session = session or requests.Session()
+        self.session.headers.update(
+            {
+                "Authorization": f"Bearer {token}",
+                "Accept": "application/vnd.github+json",
+                "X-GitHub-Api-Version": "2022-11-28",
+            }
+        )
+        # GETs are retried; a POST is not (it could open a second PR): the
+        # caller looks for the PR again instead.
+        self.session.mount(
+            self.api + "/",
+            HTTPAdapter(
+                max_retries=Retry(
+                    total=retries, status_forcelist=(500, 502, 503, 504),
+                    backoff_factor=0.5, raise_on_status=False,
+                )  # fmt: skip
+            ),
+        )
+        self.timeout = timeout
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        url = f"{self.api}/repos/{self.repo.owner}/{self.repo.name}{path}"
+        try:
+            resp = self.session.request(method, url, timeout=self.timeout, **kwargs)
+        except requests.RequestException as exc:
+            raise GitHubError(f"GitHub API unreachable at {self.api}: {_reason(exc)}") from None
+        if resp.status_code in (200, 201):
+            try:
+                return resp.json()
+            except ValueError:
+                raise GitHubError(f"GitHub answered {method} {path} with non-JSON") from None
+        raise GitHubError(self._explain(resp, method, path))
+
+    def _explain(self, resp: requests.Response, method: str, path: str) -> str:
+        body = _json_object(resp, strict=False)
+        message = body.get("message") if isinstance(body.get("message"), str) else ""
+        errors = body.get("errors")
+        if isinstance(errors, list):
+            extra = [e.get("message") for e in errors if isinstance(e, dict) and e.get("message")]
+            message = "; ".join([message, *extra]) if message else "; ".join(extra)
+        what = f"{self.repo.owner}/{self.repo.name}"
+        hint = {
+            401: "GitHub rejected the token",
+            403: "GitHub refused the request: the GitHub App may lack permission on",
+            404: "GitHub cannot see the repository (or the token cannot):",
+            422: "GitHub refused to create the pull request on",
+        }.get(resp.status_code, f"GitHub {method} {path} failed on")
+        return _cut(f"{hint} {what} (HTTP {resp.status_code}{': ' + message if message else ''})", 500)
+
+    def find_pull(self, branch: str) -> dict[str, Any] | None:
+        pulls = self._call(
+            "GET", "/pulls", params={"head": f"{self.repo.owner}:{branch}", "state": "all"}
+        )
+        return pulls[0] if isinstance(pulls, list) and pulls else None
+
+    def create_pull(self, *, title: str, head: str, base: str, body: str, draft: bool) -> dict:
+        return self._call(
+            "POST",
+            "/pulls",
+            json={"title": title, "head": head, "base": base, "body": body, "draft": draft},
+        )
+
+
+# ---------------------------------------------------------------------------
+# agent output: stream-json -> events
+# ---------------------------------------------------------------------------
+
+
+def _condense(value: Any, depth: int = 0) -> Any:
+    if isinstance(value, str):
+        return _cut(value, INPUT_STRING_LIMIT)
+    if isinstance(value, list):
+        return [_condense(v, depth + 1) for v in value[:20]] if depth < 3 else "[…]"
+    if isinstance(value, dict):
+        if depth >= 3:
+            return "{…}"
+        return {str(k): _condense(v, depth + 1) for k, v in list(value.items())[:30]}
+    return value
+
+
+def _first_line(text: str) -> str:
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def describe_tool(name: str, args: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A one-line summary of a tool call and its input, condensed for the UI.
+
+    Edit and Write give the path and sizes, never file contents.
+    """
+
+    def arg(key: str) -> str:
+        value = args.get(key)
+        return value if isinstance(value, str) else ""
+
+    path = arg("file_path") or arg("notebook_path") or arg("path")
+    if name == "Read":
+        return f"Reading {path}", _condense(args)
+    if name in ("Edit", "MultiEdit"):
+        edits = args.get("edits") if isinstance(args.get("edits"), list) else [args]
+        sizes = [
+            (len(e.get("old_string") or ""), len(e.get("new_string") or ""))
+            for e in edits
+            if isinstance(e, dict)
+        ]
+        condensed = {"file_path": path, "edits": len(sizes)}
+        condensed["old_chars"] = sum(s[0] for s in sizes)
+        condensed["new_chars"] = sum(s[1] for s in sizes)
+        return f"Editing {path}", condensed
+    if name == "Write":
+        content = arg("content")
+        return f"Writing {path}", {"file_path": path, "chars": len(content)}
+    if name == "NotebookEdit":
+        return f"Editing notebook {path}", {"notebook_path": path}
+    if name == "Bash":
+        command = arg("command")
+        return (_first_line(command) or "Running a command"), _condense(args)
+    if name == "Grep":
+        return f"Searching for {arg('pattern')}", _condense(args)
+    if name == "Glob":
+        return f"Finding files {arg('pattern')}", _condense(args)
+    if name == "WebFetch":
+        return f"Fetching {arg('url')}", _condense(args)
+    if name == "WebSearch":
+        return f"Searching the web for {arg('query')}", _condense(args)
+    if name in ("Task", "Agent"):
+        return f"Delegating: {arg('description') or 'a subtask'}", _condense(args)
+    if name in ("TodoWrite", "TaskCreate", "TaskUpdate"):
+        return "Updating the task list", _condense(args)
+    return f"Using {name}", _condense(args)
+
+
+def _result_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(
+            b.get("text", "") for b in content if isinstance(b, dict) and b.get("type") == "text"
+        )
+    return ""
+
+
+@dataclasses.dataclass
+class AgentMetrics:
+    """What the final `result` line said."""
+
+    subtype: str = ""
+    is_error: bool = False
+    num_turns: int | None = None
+    total_cost_usd: float | None = None
+    duration_ms: int | None = None
+    session_id: str = ""
+    result: str = ""
+
+    def details(self) -> dict[str, Any]:
+        pairs = {
+            "cost_usd": self.total_cost_usd,
+            "num_turns": self.num_turns,
+            "session_id": self.session_id or None,
+            "duration_ms": self.duration_ms,
+        }
+        return {k: v for k, v in pairs.items() if v is not None}
+
+
+class StreamParser:
+    """Turns stream-json lines into API events; never raises on bad input."""
+
+    def __init__(self, redact: Redactor, clock: Callable[[], str] = _now_rfc3339) -> None:
+        self.redact = redact
+        self.clock = clock
+        self.sequence = 0
+        self.tools: dict[str, str] = {}  # tool_use id -> tool name
+        self.metrics: AgentMetrics | None = None
+        self.last_text = ""
+
+    def event(self, kind: str, summary: str, **fields: Any) -> dict[str, Any]:
+        self.sequence += 1
+        # Redact before cutting: a cut token would no longer match its mask.
+        summary = _cut(self.redact(summary).strip(), SUMMARY_LIMIT) or f"({kind})"
+        event = {"sequence": self.sequence, "timestamp": self.clock(), "type": kind}
+        event["summary"] = summary
+        event.update({k: self.redact.deep(v) for k, v in fields.items() if v is not None})
+        return event
+
+    def feed(self, line: bytes | str) -> list[dict[str, Any]]:
+        try:
+            text = line.decode("utf-8") if isinstance(line, bytes) else line
+            if not text.strip():
+                return []
+            message = json.loads(text)
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            size = len(line)
+            return [self.event("error", f"unreadable agent output line ({size} bytes)")]
+        if not isinstance(message, dict):
+            return []
+        try:
+            return self._message(message)
+        except (TypeError, AttributeError, ValueError) as exc:
+            kind = message.get("type")
+            return [self.event("error", f"malformed agent output ({kind}): {exc}")]
+
+    def _message(self, message: dict[str, Any]) -> list[dict[str, Any]]:
+        kind = message.get("type")
+        if kind == "result":
+            self._result(message)
+            if message.get("is_error") or str(message.get("subtype", "")).startswith("error"):
+                why = message.get("subtype") or "error"
+                text = _result_text(message.get("result")) or ""
+                return [self.event("error", f"agent stopped: {why} {text}".strip())]
+            return []
+        body = message.get("message")
+        if kind not in ("assistant", "user") or not isinstance(body, dict):
+            return []  # system lines and types we do not know yet
+        content = body.get("content")
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}] if kind == "assistant" else []
+        events = []
+        for block in content if isinstance(content, list) else []:
+            if isinstance(block, dict):
+                events.extend(self._block(kind, block))
+        return events
+
+    def _block(self, kind: str, block: dict[str, Any]) -> list[dict[str, Any]]:
+        btype = block.get("type")
+        if kind == "assistant" and btype in ("text", "thinking"):
+            text = block.get("text") or block.get("thinking") or ""
+            if not isinstance(text, str) or not text.strip():
+                return []
+            self.last_text = text if btype == "text" else self.last_text
+            text = self.redact(text)
+            return [
+                self.event(
+                    "thinking", _first_line(text), metadata={"text": _cut(text, TEXT_LIMIT)}
+                )
+            ]
+        if kind == "assistant" and btype == "tool_use":
+            name = str(block.get("name") or "tool")
+            self.tools[str(block.get("id"))] = name
+            args = block.get("input") if isinstance(block.get("input"), dict) else {}
+            summary, condensed = describe_tool(name, args)
+            metadata = {"tool_use_id": block.get("id")}
+            return [self.event("tool_call", summary, tool=name, input=condensed, metadata=metadata)]
+        if kind == "user" and btype == "tool_result":
+            tool_id = str(block.get("tool_use_id"))
+            name = self.tools.get(tool_id, "tool")
+            ok = not block.get("is_error")
+            text = self.redact(_result_text(block.get("content")))
+            line = _first_line(text) or ("(no output)" if ok else "(failed, no output)")
+            output = {"success": ok, "summary": _cut(text.strip() or line, SUMMARY_LIMIT)}
+            summary = f"{name} {'ok' if ok else 'failed'}: {line}"
+            return [
+                self.event(
+                    "tool_result", summary, tool=name, output=output,
+                    metadata={"tool_use_id": tool_id, "chars": len(text)},
+                )  # fmt: skip
+            ]
+        return []
+
+    def _result(self, message: dict[str, Any]) -> None:
+        def number(key: str, kind: type) -> Any:
+            value = message.get(key)
+            return kind(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+        self.metrics = AgentMetrics(
+            subtype=str(message.get("subtype") or ""),
+            is_error=bool(message.get("is_error")),
+            num_turns=number("num_turns", int),
+            total_cost_usd=number("total_cost_usd", float),
+            duration_ms=number("duration_ms", int),
+            session_id=str(message.get("session_id") or ""),
+            result=_result_text(message.get("result")),
+        )
+
+
+class EventSender:
+    """Posts events in order from one background thread, in batches.
+
+    `put` never blocks on the network: when the API is slow or down the queue
+    grows to EVENT_QUEUE_SOFT, then drops thinking/tool_result events, then at
+    EVENT_QUEUE_HARD everything; drops are counted and reported.
+    """
+
+    def __init__(
+        self,
+        post: Callable[[list[dict[str, Any]]], int],
+        *,
+        batch: int = EVENT_BATCH,
+        interval: float = EVENT_FLUSH_SECONDS,
+        soft: int = EVENT_QUEUE_SOFT,
+        hard: int = EVENT_QUEUE_HARD,
+        backoff: float = 0.5,
+    ) -> None:
+        self.post, self.batch, self.interval = post, batch, interval
+        self.soft, self.hard, self.backoff = soft, hard, backoff
+        self.queue: collections.deque[tuple[float, dict[str, Any]]] = collections.deque()
+        self.cond = threading.Condition()
+        self.sent = self.dropped = self.requests = 0
+        self.closing = False
+        self.deadline = float("inf")
+        self.stopped = ""  # why streaming stopped for good (410/404)
+        self.thread = threading.Thread(target=self._run, name="events", daemon=True)
+        self.thread.start()
+
+    def put(self, event: dict[str, Any]) -> None:
+        with self.cond:
+            size = len(self.queue)
+            if self.stopped or size >= self.hard or (
+                size >= self.soft and event["type"] in LOW_VALUE_EVENTS
+            ):
+                self.dropped += 1
+                return
+            self.queue.append((time.monotonic(), event))
+            if size + 1 >= self.batch or size == 0:
+                self.cond.notify()
+
+    def close(self, timeout: float = EVENT_FLUSH_DEADLINE) -> dict[str, int]:
+        """Flushes what is queued within `timeout` seconds; returns the counts."""
+        with self.cond:
+            self.closing = True
+            self.deadline = time.monotonic() + timeout
+            self.cond.notify()
+        self.thread.join(timeout + 1)
+        with self.cond:
+            self.dropped += len(self.queue)
+            self.queue.clear()
+            return {"events_sent": self.sent, "events_dropped": self.dropped}
+
+    def _take(self) -> list[dict[str, Any]] | None:
+        with self.cond:
+            while True:
+                if self.queue:
+                    wait = self.queue[0][0] + self.interval - time.monotonic()
+                    if self.closing or len(self.queue) >= self.batch or wait <= 0:
+                        count = min(self.batch, len(self.queue))
+                        return [self.queue.popleft()[1] for _ in range(count)]
+                    self.cond.wait(wait)
+                elif self.closing:
+                    return None
+                else:
+                    self.cond.wait()
+
+    def _run(self) -> None:
+        while (batch := self._take()) is not None:
+            self._send(batch)
+
+    def _send(self, batch: list[dict[str, Any]]) -> None:
+        delay = self.backoff
+        while True:
+            status = self.post(batch)
+            self.requests += 1
+            if status == 200:
+                self.sent += len(batch)
+                return
+            if status in (404, 410):
+                with self.cond:
+                    self.stopped = f"HTTP {status}"
+                    self.dropped += len(batch) + len(self.queue)
+                    self.queue.clear()
+                    self.closing = True
+                warn("event streaming stopped: the API no longer takes events", status=status)
+                return
+            transient = status == 0 or status == 429 or status >= 500
+            if not transient or time.monotonic() + delay > self.deadline:
+                with self.cond:
+                    self.dropped += len(batch)
+                warn("events dropped", count=len(batch), status=status or "unreachable")
+                return
+            with self.cond:  # wakes early when close() shortens the deadline
+                self.cond.wait(delay)
+            delay = min(delay * 2, 8.0)
+
+
+# ---------------------------------------------------------------------------
+# processes: stopping the agent and everything it started
+# ---------------------------------------------------------------------------
+
+
+def marked_processes(marker: bytes) -> list[int]:
+    """Live processes whose environment holds `marker` (`SHEPHERD_RUN_ID=...`).
+
+    Every process the agent starts inherits it, including those that left the
+    agent's tree: the CLI puts each Bash command in a process group (and
+    session) of its own, and a daemonised server is re-parented to PID 1.
+    """
+    me, found = os.getpid(), []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = f.read()
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:  # gone, or not ours to read
+            continue
+        # The command name may hold spaces and ')': the state follows the last ')'.
+        if marker in environ.split(b"\0") and stat[stat.rfind(b")") + 2 :][:1] != b"Z":
+            found.append(int(entry))
+    return found
+
+
+def stop_processes(marker: bytes, grace: float = KILL_GRACE) -> int:
+    """SIGTERM every marked process, SIGKILL after `grace` seconds; returns how many."""
+    seen: set[int] = set()
+    deadline = time.monotonic() + grace
+    while live := marked_processes(marker):
+        late = time.monotonic() > deadline
+        for pid in live:
+            if pid not in seen or late:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL if late else signal.SIGTERM)
+                seen.add(pid)
+        time.sleep(0.05)  # dying takes a moment and there is nothing to wait on
+    return len(seen)
+
+
+class Stop:
+    """Why the runner must stop early: a SIGTERM or SIGINT.
+
+    The Python-level handler only records the signal. The C-level handler
+    writes its number to a pipe (signal.set_wakeup_fd) and a thread sets the
+    subscribed Events, so no lock is ever taken inside a signal handler (one
+    interrupting Event.set in the main thread would deadlock on it).
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._events: list[threading.Event] = []
+        self._lock = threading.Lock()
+
+    def install(self) -> None:
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._record)
+        threading.Thread(target=self._wake, args=(read_fd,), name="signals", daemon=True).start()
+
+    def _record(self, signum: int, _frame: Any) -> None:
+        self.signum = signum
+
+    def _wake(self, read_fd: int) -> None:
+        while data := os.read(read_fd, 1):
+            self.trigger(data[0])
+
+    def trigger(self, signum: int) -> None:
+        with self._lock:
+            self.signum = self.signum or signum
+            for event in self._events:
+                event.set()
+
+    def subscribe(self, event: threading.Event) -> threading.Event:
+        """`event` is set on the first signal (at once if one came already)."""
+        with self._lock:
+            self._events.append(event)
+            if self.signum is not None:
+                event.set()
+        return event
+
+    @property
+    def reason(self) -> str:
+        if self.signum is None:
+            return ""
+        name = signal.Signals(self.signum).name
+        return f"terminated ({name}): the pod is being deleted (sandbox timeout or cancellation)"
+
+
+# ---------------------------------------------------------------------------
+# the agent
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class AgentRun:
+    exit_code: int | None = None  # None: it never started
+    metrics: AgentMetrics | None = None
+    stderr: str = ""
+    stopped: str = ""  # why the runner stopped it: a signal or the deadline
+    missing: str = ""  # why it could not start
+    last_text: str = ""
+    events: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+def _read_lines(stream: Any, limit: int) -> Iterator[bytes | None]:
+    """Lines of at most `limit` bytes; None stands for a longer line, skipped."""
+    skipping = False
+    while chunk := stream.readline(limit):
+        complete = chunk.endswith(b"\n")
+        if skipping:
+            skipping = not complete
+            continue
+        if not complete and len(chunk) == limit:
+            skipping = True
+            yield None
+            continue
+        yield chunk
+
+
+def run_agent(
+    cmd: list[str],
+    *,
+    cwd: str,
+    env: Mapping[str, str],
+    sender: EventSender,
+    parser: StreamParser,
+    stop: Stop,
+    timeout: float | None,
+    on_stop: Callable[[], None] = lambda: None,
+    grace: float = KILL_GRACE,
+    max_line: int = MAX_LINE_BYTES,
+) -> AgentRun:
+    """Runs the agent, turning its stdout into events as it comes.
+
+    `env` must carry SHEPHERD_RUN_ID: it marks every process the agent starts,
+    which are all stopped when it exits, times out or the runner is signalled.
+    `on_stop` runs before the runner stops the agent early.
+    """
+    result = AgentRun()
+    marker = f"SHEPHERD_RUN_ID={env['SHEPHERD_RUN_ID']}".encode()
+    try:
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+        )  # fmt: skip
+    except OSError as exc:
+        result.missing = f"{cmd[0]}: {exc.strerror or exc}"
+        return result
+    info("agent started", pid=proc.pid)
+    tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+    wake = stop.subscribe(threading.Event())
+
+    def drain_stderr() -> None:
+        for raw in _read_lines(proc.stderr, 64 << 10):
+            if raw is not None:
+                tail.append(_cut(raw.decode("utf-8", "replace").rstrip(), 500))
+
+    def wait_exit() -> None:
+        proc.wait()
+        wake.set()
+
+    def watchdog() -> None:
+        if not wake.wait(timeout):
+            result.stopped = f"timed out after {_duration(timeout or 0)} (SHEPHERD_TASK_TIMEOUT)"
+        elif stop.signum is not None and proc.poll() is None:
+            result.stopped = stop.reason
+        if result.stopped:
+            warn("stopping the agent", reason=result.stopped)
+            on_stop()
+        # Whatever the agent left running (a server it started, a stuck test)
+        # goes too, which also closes any copy of its stdout.
+        if count := stop_processes(marker, grace):
+            info("agent processes stopped", count=count)
+
+    threads = [
+        threading.Thread(target=f, name=f.__name__, daemon=True)
+        for f in (drain_stderr, wait_exit, watchdog)
+    ]
+    for thread in threads:
+        thread.start()
+    skipped = 0
+    for line in _read_lines(proc.stdout, max_line):
+        if line is None:
+            skipped += 1
+            sender.put(parser.event("error", f"agent output line over {max_line} bytes skipped"))
+            continue
+        for event in parser.feed(line):
+            sender.put(event)
+    result.exit_code = proc.wait()
+    for thread in threads:
+        thread.join()
+    result.metrics = parser.metrics
+    result.last_text = parser.last_text
+    result.stderr = "\n".join(tail)
+    info(
+        "agent exited",
+        code=result.exit_code,
+        subtype=result.metrics.subtype if result.metrics else "none",
+        events=parser.sequence,
+        **({"skipped_lines": skipped} if skipped else {}),
+    )
+    return result
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+def agent_failure(run: AgentRun, cfg: Config) -> str:
+    """Why the agent's run is a failure, or '' when it finished its turn."""
+    if run.missing:
+        return f"the agent could not start: {run.missing} (check SHEPHERD_CLAUDE_BIN)"
+    if run.stopped:
+        return run.stopped
+    metrics = run.metrics
+    stderr = _cut(_last_lines(run.stderr, 5), 600)
+    if metrics is not None and metrics.subtype.startswith("error"):
+        if metrics.subtype == "error_max_turns":
+            return f"the agent reached its turn limit ({cfg.max_turns} turns, SHEPHERD_MAX_TURNS)"
+        if metrics.subtype == "error_max_budget_usd":
+            budget = f"${cfg.max_budget_usd:.2f}"
+            return f"the agent reached its budget ({budget}, SHEPHERD_MAX_BUDGET_USD)"
+        text = _cut(metrics.result or stderr, 600)
+        return f"the agent stopped with {metrics.subtype}" + (f": {text}" if text else "")
+    if metrics is not None and metrics.is_error:
+        text = _cut(metrics.result or stderr, 600)
+        return "the agent failed" + (f": {text}" if text else "")
+    if run.exit_code != 0:
+        return f"the agent exited with code {run.exit_code}" + (f": {stderr}" if stderr else "")
+    if metrics is None:
+        return "the agent exited without a result line" + (f": {stderr}" if stderr else "")
+    return ""
+
+
+def _last_lines(text: str, count: int) -> str:
+    return " | ".join(line for line in text.splitlines()[-count:] if line.strip())
+
+
+# ---------------------------------------------------------------------------
+# the outcome: shared by the Stop hook and the main process's fallback
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TaskState:
+    """What the hook needs to know of the task; written by the runner (no secrets)."""
+
+    task_id: str
+    repo_url: str
+    repo_dir: str
+    branch: str
+    base_ref: str
+    base_sha: str
+    description: str = ""
+    source_url: str = ""
+    github_api_url: str = ""
+    pr_draft: bool = False
+
+    def save(self, path: str) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(dataclasses.asdict(self), f, indent=2)
+
+    @classmethod
+    def load(cls, path: str) -> TaskState:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in fields})
+
+
+@dataclasses.dataclass
+class Outcome:
+    event: str  # completed | failed | block (the hook asks the agent to go on)
+    message: str
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def pr_title(description: str) -> str:
+    return _cut(_first_line(description) or "Shepherd task", 72)
+
+
+def pr_body(state: TaskState, summary: str) -> str:
+    parts = [summary.strip() or "(the agent left no summary)"]
+    if state.source_url:
+        parts.append(f"Source: {state.source_url}")
+    parts.append(f"---\nOpened by shepherd-runner for task `{state.task_id}`.")
+    return "\n\n".join(parts)
+
+
+def conclude(
+    state: TaskState,
+    git: Git,
+    github: GitHub,
+    *,
+    last_message: str,
+    may_block: bool,
+) -> Outcome:
+    """Makes sure the work ends as a pull request, and says what is true.
+
+    The decision table is in the README ("What happens when the agent stops").
+    Idempotent: run by the hook and again by the main process, it opens one PR.
+    """
+    dirty = [line[3:] for line in git("status", "--porcelain").splitlines() if line]
+    if dirty and may_block:
+        files = ", ".join(dirty[:10]) + (" …" if len(dirty) > 10 else "")
+        return Outcome(
+            "block",
+            "You left uncommitted changes in the repository "
+            f"({files}). Commit the ones that belong to the task on branch "
+            f"{state.branch} and discard the rest, then finish.",
+        )
+    details: dict[str, Any] = {"branch": state.branch}
+    if dirty:
+        details["uncommitted"] = dirty[:50]
+    try:
+        pull = github.find_pull(state.branch)
+    except GitHubError as exc:
+        return Outcome("failed", str(exc), details | {"error": str(exc)})
+    if pull is not None:
+        url = pull.get("html_url", "")
+        return Outcome("completed", f"pull request {url}", details | {"pr_url": url})
+
+    ahead = int(git("rev-list", "--count", f"{state.base_sha}..refs/heads/{state.branch}") or 0)
+    if ahead == 0:
+        head = git("rev-parse", "--abbrev-ref", "HEAD")
+        elsewhere = int(git("rev-list", "--count", f"{state.base_sha}..HEAD") or 0)
+        if head != state.branch and elsewhere:
+            message = (
+                f"the agent committed on branch {head}, not {state.branch}; "
+                "no pull request was opened"
+            )
+            return Outcome("failed", message, details | {"error": message})
+        error_text = last_message.strip() or "the agent made no commits"
+        return Outcome("failed", "no changes made", details | {"error": error_text})
+
+    details["commits"] = ahead
+    try:
+        git("push", "origin", f"refs/heads/{state.branch}:refs/heads/{state.branch}", timeout=120)
+    except CommandError as exc:
+        message = f"pushing {state.branch} failed: {exc.err.strip() or exc}"
+        return Outcome("failed", _cut(message, 800), details | {"error": _cut(message, 800)})
+    try:
+        pull = github.create_pull(
+            title=pr_title(state.description),
+            head=state.branch,
+            base=state.base_ref,
+            body=pr_body(state, last_message),
+            draft=state.pr_draft,
+        )
+    except GitHubError as exc:
+        # Another process (the hook, the agent) may have opened it meanwhile.
+        try:
+            pull = github.find_pull(state.branch)
+        except GitHubError:
+            pull = None
+        if pull is None:
+            return Outcome("failed", str(exc), details | {"error": str(exc)})
+    url = pull.get("html_url", "")
+    details |= {"pr_url": url, "pr_opened_by": "shepherd-runner"}
+    return Outcome("completed", f"pull request {url}", details)
+
+
+# ---------------------------------------------------------------------------
+# configuration
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Config:
+    host: str
+    port: int
+    work_dir: str
+    config_dir: str
+    claude_bin: str
+    max_turns: int
+    max_budget_usd: float
+    model: str
+    task_timeout: float | None
+    allowed_api_urls: tuple[str, ...]
+    clone_filter: str
+    github_api_url: str
+    pr_draft: bool
+
+
+def parse_addr(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not host:port (e.g. :8888)")
+    return host.strip("[]"), int(port)
+
+
+def parse_timeout(value: str) -> float | None:
+    if not value.strip():
+        return None
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", value)
+    if not match or float(match[1]) <= 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a duration such as 90, 30s, 25m, 1h")
+    return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[match[2]]
+
+
+def _positive(kind: type) -> Callable[[str], Any]:
+    def parse(value: str) -> Any:
+        try:
+            number = kind(value)
+        except ValueError:
+            number = 0
+        if number <= 0 or number != number or number == float("inf"):
+            raise argparse.ArgumentTypeError(f"{value!r} is not a positive {kind.__name__}")
+        return number
+
+    return parse
+
+
+def parse_url_list(value: str) -> tuple[str, ...]:
+    urls = tuple(u.strip().rstrip("/") for u in value.split(",") if u.strip())
+    for url in urls:
+        if (problem := check_api_url(url)) is not None:
+            raise argparse.ArgumentTypeError(f"{url!r}: {problem}")
+    return urls
+
+
+def parse_bool(value: str) -> bool:
+    if value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.strip().lower() in ("", "0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{value!r} is not true or false")
+
+
+def parse_filter(value: str) -> str:
+    if value in ("", "none") or re.fullmatch(r"blob:none|blob:limit=\d+[kmg]?|tree:\d+", value):
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r} is not a git partial-clone filter or 'none'")
+
+
+def check_api_url(url: str) -> str | None:
+    """Why `url` is not an acceptable apiURL, or None."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError as exc:
+        return f"malformed URL ({exc})"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an absolute http(s) URL with a host"
+    if parts.username or parts.password:
+        return "must not carry credentials"
+    if parts.query or parts.fragment or any(c.isspace() for c in url):
+        return "must not have a query, fragment or spaces"
+    return None
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse would exit 2 with a usage text
+        raise UsageError(message)
+
+
+def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="shepherd-runner",
+        description="Runs one Shepherd task with the Claude Code CLI. "
+        "Subcommands: serve (default) takes one assignment on POST /task; "
+        "hook is the Claude Code Stop hook.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    serve = sub.add_parser(
+        "serve",
+        help="take one assignment and run it (default)",
+        description="Take one assignment on POST /task, run it, report, exit. "
+        "`shepherd-runner hook` is the Claude Code Stop hook (JSON on stdin).",
+    )
+    sub.add_parser("hook", help="the Claude Code Stop hook (reads the hook JSON on stdin)")
+
+    def setting(flag: str, env: str, default: str, kind: Callable[[str], Any], text: str) -> None:
+        value = environ.get(env, default)
+        serve.add_argument(
+            flag, default=value, type=kind, metavar=env,
+            help=f"{text} (env {env}, default {default!r})",
+        )  # fmt: skip
+
+    setting("--addr", "SHEPHERD_RUNNER_ADDR", DEFAULT_ADDR, parse_addr, "listen address")
+    setting("--work-dir", "SHEPHERD_WORK_DIR", "/workspace", str, "where the repository is cloned")
+    setting(
+        "--config-dir", "SHEPHERD_CONFIG_DIR", "/etc/shepherd", str,
+        "holds settings.json and CLAUDE.md, copied into ~/.claude/",
+    )  # fmt: skip
+    setting("--claude-bin", "SHEPHERD_CLAUDE_BIN", "claude", str, "the Claude Code CLI")
+    setting("--max-turns", "SHEPHERD_MAX_TURNS", "50", _positive(int), "agent turn limit")
+    setting(
+        "--max-budget-usd", "SHEPHERD_MAX_BUDGET_USD", "10.00", _positive(float),
+        "agent spending limit in USD",
+    )  # fmt: skip
+    setting("--model", "SHEPHERD_MODEL", "", str, "model passed as --model (CLI default if empty)")
+    setting(
+        "--task-timeout", "SHEPHERD_TASK_TIMEOUT", "", parse_timeout,
+        "agent deadline: 90, 30s, 25m, 1h (none if empty)",
+    )  # fmt: skip
+    setting(
+        "--allowed-api-urls", "SHEPHERD_ALLOWED_API_URLS", "", parse_url_list,
+        "comma-separated apiURLs an assignment may name (any if empty)",
+    )  # fmt: skip
+    setting(
+        "--clone-filter", "SHEPHERD_CLONE_FILTER", "blob:none", parse_filter,
+        "partial-clone filter; 'none' for a full clone",
+    )  # fmt: skip
+    setting(
+        "--github-api-url", "SHEPHERD_GITHUB_API_URL", "", str,
+        "GitHub REST API base (derived from the repository host if empty)",
+    )  # fmt: skip
+    setting("--pr-draft", "SHEPHERD_PR_DRAFT", "false", parse_bool, "open pull requests as drafts")
+    return parser
+
+
+def parse_config(argv: list[str], environ: Mapping[str, str]) -> Config:
+    args = build_parser(environ).parse_args(argv)
+    host, port = args.addr
+    return Config(
+        host=host,
+        port=port,
+        work_dir=args.work_dir,
+        config_dir=args.config_dir,
+        claude_bin=args.claude_bin,
+        max_turns=args.max_turns,
+        max_budget_usd=args.max_budget_usd,
+        model=args.model,
+        task_timeout=args.task_timeout,
+        allowed_api_urls=args.allowed_api_urls,
+        clone_filter="" if args.clone_filter == "none" else args.clone_filter,
+        github_api_url=args.github_api_url.rstrip("/"),
+        pr_draft=args.pr_draft,
+    )
+
+
+# ---------------------------------------------------------------------------
+# the assignment server
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Assignment:
+    task_id: str
+    api_url: str
+
+
+def parse_assignment(body: bytes, allowed: tuple[str, ...]) -> tuple[int, str, Assignment | None]:
+    """(HTTP status, error message, assignment) for a POST /task body."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return 400, "body is not JSON", None
+    if not isinstance(data, dict):
+        return 400, "body must be a JSON object", None
+    task_id, api_url = data.get("taskID"), data.get("apiURL")
+    if not isinstance(task_id, str) or not isinstance(api_url, str):
+        return 400, "taskID and apiURL must be strings", None
+    if len(task_id) > TASK_ID_MAX or not TASK_ID_RE.fullmatch(task_id):
+        return 400, "taskID must be a Kubernetes object name (DNS-1123 subdomain)", None
+    if (problem := check_api_url(api_url)) is not None:
+        return 400, f"apiURL {problem}", None
+    api_url = api_url.rstrip("/")
+    if allowed and api_url not in allowed:
+        return 403, "apiURL is not in SHEPHERD_ALLOWED_API_URLS", None
+    return 200, "", Assignment(task_id, api_url)
+
+
+class AssignmentServer(http.server.ThreadingHTTPServer):
+    """Takes exactly one assignment; `wake` is set when it arrives."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, addr: tuple[str, int], allowed: tuple[str, ...], wake: threading.Event):
+        self.allowed = allowed
+        self.wake = wake
+        self.assignment: Assignment | None = None
+        self.lock = threading.Lock()
+        super().__init__(addr, _Handler)
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    server: AssignmentServer
+    server_version = f"shepherd-runner/{__version__}"
+    sys_version = ""
+    timeout = 10  # a client that stalls mid-request does not hold a thread forever
+
+    def _reply(self, status: int, body: Any, content_type: str = "application/json") -> None:
+        data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def _path(self) -> str:
+        return urllib.parse.urlsplit(self.path).path
+
+    def do_GET(self) -> None:
+        if self._path() == "/healthz":
+            self._reply(200, "ok", "text/plain")
+        elif self._path() == "/task":
+            self._reply(405, {"error": "method not allowed"})
+        else:
+            self._reply(404, {"error": "not found"})
+
+    do_HEAD = do_GET
+
+    def do_POST(self) -> None:
+        if self._path() != "/task":
+            status = 405 if self._path() == "/healthz" else 404
+            self._reply(status, {"error": "method not allowed" if status == 405 else "not found"})
+            return
+        length = self.headers.get("Content-Length", "")
+        if not length.isdigit():
+            self.close_connection = True
+            self._reply(411, {"error": "Content-Length required"})
+            return
+        if int(length) > MAX_ASSIGNMENT_BYTES:
+            self.close_connection = True
+            self._reply(413, {"error": f"body over {MAX_ASSIGNMENT_BYTES} bytes"})
+            return
+        body = self.rfile.read(int(length))
+        status, problem, assignment = parse_assignment(body, self.server.allowed)
+        if assignment is None:
+            warn("assignment refused", status=status, error=problem)
+            self._reply(status, {"error": problem})
+            return
+        with self.server.lock:
+            current = self.server.assignment
+            if current is None:
+                self.server.assignment = assignment
+        if current is not None:
+            self._reply(409, {"error": "runner already has a task", "taskID": current.task_id})
+            return
+        info("task assigned", task_id=assignment.task_id, api_url=assignment.api_url)
+        self._reply(200, {"status": "accepted"})
+        self.server.wake.set()
+
+    def _not_allowed(self) -> None:
+        known = self._path() in ("/task", "/healthz")
+        self._reply(405 if known else 404, {"error": "method not allowed" if known else "not found"})
+
+    def __getattr__(self, name: str) -> Any:
+        # Any other method (PUT, DELETE, or a made-up one) is a 405, not http.server's 501.
+        if name.startswith("do_"):
+            return self._not_allowed
+        raise AttributeError(name)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        # Unparseable requests are the client's fault: 400, never a 5xx.
+        if code >= 500:
+            code, message = 400, "bad request"
+        super().send_error(code, message, explain)
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        info("http request", method=self.command, path=_cut(str(self.path), 200), status=code)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's name
+        warn("http server", message=_cut(format % args, 300), client=self.client_address[0])
+
+
+# ---------------------------------------------------------------------------
+# the task flow
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Context:
+    """The side effects a task run depends on; tests pass their own."""
+
+    environ: Mapping[str, str]
+    home: str
+    session: requests.Session | None = None
+    retry: Retry | None = None
+    token_retries: Retry | None = None
+    redact: Redactor = dataclasses.field(default_factory=Redactor)
+    stop: Stop = dataclasses.field(default_factory=Stop)
+    python: str = sys.executable
+
+
+PROMPT = """\
+You are working on the repository in {repo_dir}, on the git branch {branch} \
+(created from {base_ref}).
+
+Task:
+{description}
+
+Source: {source_url}
+The task's full context is in {context_path}: read it before you start.
+
+How to work:
+- Stay on this task and on the branch {branch}; do not switch branches.
+- Commit your changes with clear messages.
+- Push the branch and open a pull request against {base_ref} (git and gh are \
+authenticated through GH_TOKEN). If that fails, leave your commits: the runner \
+pushes the branch and opens the pull request for you.
+- If the task cannot be done, make no commits and say clearly why in your final message.
+"""
+
+
+def _validate_ref(ref: str) -> None:
+    ok = (
+        re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/\-]{0,254}", ref)
+        and ".." not in ref
+        and "//" not in ref
+        and not ref.endswith((".lock", "/", "."))
+    )
+    if not ok:
+        raise Failure(f"repository ref {ref!r} is not an acceptable branch or tag name")
+
+
+def stage_config(config_dir: str, home: str) -> None:
+    """Copies settings.json and CLAUDE.md into ~/.claude/ (HOME is an emptyDir in the pod)."""
+    target = os.path.join(home, ".claude")
+    try:
+        os.makedirs(target, exist_ok=True)
+    except OSError as exc:
+        raise Failure(f"HOME is not writable: cannot create {target}: {exc.strerror}") from None
+    for name in ("settings.json", "CLAUDE.md"):
+        source = os.path.join(config_dir, name)
+        if not os.path.isfile(source):
+            warn("config file missing; the agent runs without it", path=source)
+            continue
+        try:
+            shutil.copyfile(source, os.path.join(target, name))
+        except OSError as exc:
+            raise Failure(f"cannot stage {source} into {target}: {exc.strerror}") from None
+
+
+def clone(repo: RepoURL, ref: str, dest: str, git: Git, clone_filter: str) -> None:
+    if os.path.exists(dest):
+        raise Failure(f"clone target {dest} already exists")
+    args = ["clone", "--quiet", "--no-tags"]
+    if clone_filter:
+        # A server without partial-clone support ignores the filter with a
+        # warning and sends everything: that fallback is git's own.
+        args.append(f"--filter={clone_filter}")
+    if ref:
+        args += ["--branch", ref]
+    try:
+        git(*args, "--", repo.url, dest, cwd=os.path.dirname(dest), timeout=GIT_TIMEOUT)
+    except CommandError as exc:
+        raise Failure(f"cloning {repo.url} failed: {_cut(exc.err.strip() or str(exc), 600)}") from None
+
+
+def agent_env(ctx: Context, state: TaskState, gitenv: Mapping[str, str], api: str) -> dict:
+    env = dict(gitenv)
+    env.update(
+        HOME=ctx.home,
+        SHEPHERD_API_URL=api,
+        SHEPHERD_TASK_ID=state.task_id,
+        SHEPHERD_BASE_REF=state.base_ref,
+        SHEPHERD_STATE_DIR=state_dir(ctx.home),
+        # The hook's log lines go where ours go: `kubectl logs`.
+        SHEPHERD_LOG_FILE=f"/proc/{os.getpid()}/fd/1",
+        DISABLE_AUTOUPDATER="1",
+        CI="true",
+    )
+    # The Stop hook runs `python -m shepherd_runner`: make `python` this interpreter.
+    bindir = os.path.dirname(ctx.python)
+    path = env.get("PATH", os.defpath).split(os.pathsep)
+    if bindir and bindir not in path:
+        env["PATH"] = os.pathsep.join([bindir, *path])
+    return env
+
+
+def state_dir(home: str) -> str:
+    return os.path.join(home, ".shepherd")
+
+
+def _github(state: TaskState, token: str) -> GitHub:
+    return GitHub(parse_repo_url(state.repo_url), token, api_url=state.github_api_url or None)
+
+
+class TaskRun:
+    """One task, step by step, in the main thread."""
+
+    def __init__(self, cfg: Config, assignment: Assignment, ctx: Context) -> None:
+        self.cfg, self.assignment, self.ctx = cfg, assignment, ctx
+        self.api = ShepherdAPI(
+            assignment.api_url, assignment.task_id, session=ctx.session,
+            retry=ctx.retry, token_retries=ctx.token_retries, redact=ctx.redact,
+        )  # fmt: skip
+        self.details: dict[str, Any] = {}
+        # Marks every process started for this task (git, the agent and all
+        # it starts) so that a signal can stop them wherever they are.
+        self.run_id = secrets.token_hex(8)
+
+    def _check_stop(self) -> None:
+        if self.ctx.stop.signum is not None:
+            raise Failure(self.ctx.stop.reason)
+
+    def _on_signal(self, signalled: threading.Event) -> None:
+        signalled.wait()
+        _stand_down(self.ctx.home)  # the Stop hook must not report after us
+        stop_processes(f"SHEPHERD_RUN_ID={self.run_id}".encode())
+
+    def execute(self) -> int:
+        task_id = self.assignment.task_id
+        info("task flow started", task_id=task_id)
+        signalled = self.ctx.stop.subscribe(threading.Event())
+        threading.Thread(target=self._on_signal, args=(signalled,), daemon=True).start()
+        if not self.api.report_status("started", "runner started the task"):
+            warn("continuing without the started status")
+        try:
+            outcome = self._flow()
+        except TaskGone as exc:
+            info("task is already terminal; nothing to do", task_id=task_id, reason=str(exc))
+            return EXIT_OK
+        except (Failure, ApiError) as exc:
+            if isinstance(exc, ApiError) and exc.status == 404:
+                error("task unknown to the API; cannot report", task_id=task_id, error=str(exc))
+                return EXIT_UNDELIVERED
+            message = exc.message if isinstance(exc, Failure) else str(exc)
+            extra = exc.details if isinstance(exc, Failure) else {}
+            outcome = Outcome("failed", message, {"error": message, **extra})
+        except Exception as exc:  # a bug of ours must still end in a status
+            message = f"internal error in shepherd-runner: {type(exc).__name__}: {exc}"
+            error("unexpected error", error=message)
+            outcome = Outcome("failed", message, {"error": message})
+        if outcome.event == "failed" and self.ctx.stop.signum is not None:
+            # Whatever broke was broken by the signal: say that, not the symptom.
+            outcome = Outcome("failed", self.ctx.stop.reason, {"error": self.ctx.stop.reason})
+        details = {**self.details, **outcome.details, "reported_by": "shepherd-runner"}
+        delivered = self.api.report_status(outcome.event, outcome.message, details)
+        if not delivered:
+            error("terminal status lost", event=outcome.event, message=outcome.message)
+        info("task finished", task_id=task_id, status=outcome.event, delivered=delivered)
+        return EXIT_OK if delivered else EXIT_UNDELIVERED
+
+    def _flow(self) -> Outcome:
+        cfg, ctx, task_id = self.cfg, self.ctx, self.assignment.task_id
+        with step("fetch task data"):
+            data = self.api.fetch_task_data()
+        repo = parse_repo_url(data["repo"]["url"])
+        ref = data["repo"].get("ref") or ""
+        if ref:
+            _validate_ref(ref)
+        self._check_stop()
+        with step("fetch token"):
+            token = self.api.fetch_token()
+        with step("stage config", config_dir=cfg.config_dir):
+            stage_config(cfg.config_dir, ctx.home)
+            context_path = os.path.join(ctx.home, "task-context.md")
+            try:
+                with open(context_path, "w", encoding="utf-8") as f:
+                    f.write(data.get("context") or "(no further context)\n")
+                os.makedirs(state_dir(ctx.home), exist_ok=True)
+            except OSError as exc:
+                raise Failure(f"HOME is not writable: {exc.filename}: {exc.strerror}") from None
+        self._check_stop()
+        gitenv = git_env(ctx.environ, repo.url, token) | {"SHEPHERD_RUN_ID": self.run_id}
+        repo_dir = os.path.join(cfg.work_dir, repo.name)
+        git = Git(repo_dir, gitenv, ctx.redact)
+        with step("clone", repo=repo.url, ref=ref or "(default)"):
+            if not os.access(cfg.work_dir, os.W_OK):
+                raise Failure(f"work dir {cfg.work_dir} is missing or not writable")
+            clone(repo, ref, repo_dir, git, cfg.clone_filter)
+        branch = BRANCH_PREFIX + task_id
+        with step("create branch", branch=branch):
+            try:
+                base_ref = ref or git("symbolic-ref", "--short", "HEAD")
+                base_sha = git("rev-parse", "HEAD")
+                git("switch", "--quiet", "--create", branch)
+                name = ctx.environ.get("GIT_AUTHOR_NAME") or GIT_IDENTITY[0]
+                email = ctx.environ.get("GIT_AUTHOR_EMAIL") or GIT_IDENTITY[1]
+                git("config", "user.name", name)
+                git("config", "user.email", email)
+            except CommandError as exc:
+                raise Failure(f"preparing the branch failed: {exc}") from None
+        state = TaskState(
+            task_id=task_id, repo_url=repo.url, repo_dir=repo_dir, branch=branch,
+            base_ref=base_ref, base_sha=base_sha, description=data["description"],
+            source_url=data.get("sourceURL") or "", github_api_url=cfg.github_api_url,
+            pr_draft=cfg.pr_draft,
+        )  # fmt: skip
+        state.save(os.path.join(state_dir(ctx.home), "task.json"))
+        self._check_stop()
+
+        prompt = PROMPT.format(
+            repo_dir=repo_dir, branch=branch, base_ref=base_ref,
+            description=data["description"], source_url=state.source_url or "(none)",
+            context_path=context_path,
+        )  # fmt: skip
+        cmd = [
+            cfg.claude_bin, "-p", prompt, "--dangerously-skip-permissions",
+            "--output-format", "stream-json", "--verbose",
+            "--max-turns", str(cfg.max_turns), "--max-budget-usd", f"{cfg.max_budget_usd:.2f}",
+        ]  # fmt: skip
+        if cfg.model:
+            cmd += ["--model", cfg.model]
+        env = agent_env(ctx, state, gitenv, self.assignment.api_url)
+        sender = EventSender(self.api.post_events)
+        parser = StreamParser(ctx.redact)
+        with step("agent", max_turns=cfg.max_turns, timeout=cfg.task_timeout or "none"):
+            try:
+                agent = run_agent(
+                    cmd, cwd=repo_dir, env=env, sender=sender, parser=parser, stop=ctx.stop,
+                    timeout=cfg.task_timeout, on_stop=lambda: _stand_down(ctx.home),
+                )  # fmt: skip
+            finally:
+                self.details.update(sender.close())
+        if agent.metrics:
+            self.details.update(agent.metrics.details())
+        reason = agent_failure(agent, cfg)
+        if reason:
+            return Outcome("failed", reason, {"error": reason})
+        with step("conclude"):
+            return conclude(
+                state, git, _github(state, token), last_message=agent.last_text, may_block=False
+            )
+
+
+def _stand_down(home: str) -> None:
+    with contextlib.suppress(OSError):
+        with open(os.path.join(state_dir(home), "stop"), "w") as f:
+            f.write("the runner has decided the outcome\n")
+
+
+# ---------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------
+
+
+def serve(cfg: Config, ctx: Context) -> int:
+    wake = ctx.stop.subscribe(threading.Event())  # set by the assignment or a signal
+    try:
+        server = AssignmentServer((cfg.host, cfg.port), cfg.allowed_api_urls, wake)
+    except OSError as exc:
+        error("cannot listen", addr=f"{cfg.host}:{cfg.port}", error=exc.strerror or str(exc))
+        return EXIT_LISTEN
+    host, port = server.server_address[:2]
+    info("listening", addr=f"{host}:{port}", pid=os.getpid())
+
+    def shut_down_when_woken() -> None:
+        wake.wait()
+        server.shutdown()
+
+    threading.Thread(target=shut_down_when_woken, daemon=True).start()
+    try:
+        server.serve_forever(poll_interval=0.5)
+    finally:
+        server.server_close()
+    if server.assignment is None:
+        info("stopped before a task was assigned", reason=ctx.stop.reason)
+        return EXIT_OK
+    info("assignment server closed", port=port)
+    return TaskRun(cfg, server.assignment, ctx).execute()
+
+
+def main(
+    argv: list[str] | None = None,
+    *,
+    environ: Mapping[str, str] = os.environ,
+    home: str | None = None,
+    stdout: Any = None,
+) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["hook"]:
+        import hook
+
+        return hook.main(argv[1:], environ=environ)
+    if not argv or argv[0] not in ("serve", "--version"):  # serve is the default
+        argv = ["serve", *argv]
+    redact = Redactor([environ.get("ANTHROPIC_API_KEY", "")])
+    setup_logging(stdout or sys.stdout, redact)
+    try:
+        cfg = parse_config(argv, environ)
+    except UsageError as exc:
+        print(f"shepherd-runner: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    info("shepherd-runner starting", version=__version__, addr=f"{cfg.host}:{cfg.port}")
+    ctx = Context(environ=environ, home=home or os.path.expanduser("~"), redact=redact)
+    ctx.stop.install()
+    return serve(cfg, ctx)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,63 @@
+"""Fixtures shared by the suite: a HOME per test and the loopback servers."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import secrets
+import sys
+
+import pytest
+
+TESTS = pathlib.Path(__file__).parent
+sys.path.insert(0, str(TESTS))
+
+from fake_github import FakeGitHub  # noqa: E402
+from fake_shepherd import FakeShepherd  # noqa: E402
+
+ROOT = TESTS.parent
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path_factory, monkeypatch):
+    """Every test gets its own HOME with a git identity, and no git config leaks in."""
+    path = tmp_path_factory.mktemp("home")
+    (path / ".gitconfig").write_text(
+        "[user]\n\tname = Test User\n\temail = test@example.com\n"
+        "[init]\n\tdefaultBranch = main\n"
+    )
+    monkeypatch.setenv("HOME", str(path))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    for name in list(os.environ):
+        if name.startswith(("GIT_CONFIG_", "SHEPHERD_", "GH_", "GITHUB_")):
+            monkeypatch.delenv(name)
+    return path
+
+
+@pytest.fixture
+def token():
+    return "ghs_" + secrets.token_hex(18)
+
+
+@pytest.fixture
+def api():
+    with FakeShepherd() as server:
+        yield server
+
+
+@pytest.fixture
+def github(tmp_path, token):
+    with FakeGitHub(tmp_path / "github", token) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def claude_bin():
+    """The real Claude Code CLI, installed by `make claude`."""
+    path = os.environ.get("SHEPHERD_TEST_CLAUDE_BIN", "")
+    if not path or not os.access(path, os.X_OK):
+        pytest.fail(
+            f"the Claude Code CLI is missing ({path or 'SHEPHERD_TEST_CLAUDE_BIN unset'}): "
+            "run the tests with `make test`, which installs it"
+        )
+    return path
