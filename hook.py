@@ -104,12 +104,11 @@ def _hook(
         token_retries=sr.token_retry(total=0),
     )  # fmt: skip
     if event == "StopFailure":
-        # An API error ended the turn; the CLI says which in the payload.
-        why = next(
-            (str(payload[k]) for k in ("error", "error_message", "reason", "message") if payload.get(k)),
-            str(payload.get("last_assistant_message") or "unknown error"),
-        )
-        message = f"the agent stopped on an API error: {sr._cut(why, 600)}"
+        # An API error ended the turn: `error` is its kind (server_error,
+        # unknown...), the CLI's own words are the last assistant message.
+        kind = str(payload.get("error") or "unknown")
+        words = str(payload.get("last_assistant_message") or "").strip()
+        message = sr._cut(f"the agent stopped on a model API error ({kind}): {words}", 600)
         api.report_status("failed", message, {"error": message, "reported_by": "stop-hook"})
         return EXIT_OK
 

@@ -751,9 +751,13 @@ class StreamParser:
                 text = _result_text(message.get("result")) or ""
                 return [self.event("error", f"agent stopped: {why} {text}".strip())]
             return []
+        if kind == "system" and message.get("subtype") == "api_retry":
+            attempt = f"{message.get('attempt')}/{message.get('max_retries')}"
+            why = message.get("error") or message.get("error_status") or "error"
+            return [self.event("error", f"model API {why}; retrying ({attempt})")]
         body = message.get("message")
         if kind not in ("assistant", "user") or not isinstance(body, dict):
-            return []  # system lines and types we do not know yet
+            return []  # init and other system lines, and types we do not know yet
         content = body.get("content")
         if isinstance(content, str):
             content = [{"type": "text", "text": content}] if kind == "assistant" else []
@@ -783,6 +787,10 @@ class StreamParser:
             summary, condensed = describe_tool(name, args)
             metadata = {"tool_use_id": block.get("id")}
             return [self.event("tool_call", summary, tool=name, input=condensed, metadata=metadata)]
+        if kind == "user" and btype == "text" and isinstance(block.get("text"), str):
+            # Stop hook feedback ("Stop hook feedback: ...") and interruptions.
+            text = self.redact(block["text"])
+            return [self.event("thinking", _first_line(text), metadata={"role": "user"})]
         if kind == "user" and btype == "tool_result":
             tool_id = str(block.get("tool_use_id"))
             name = self.tools.get(tool_id, "tool")
@@ -1681,6 +1689,8 @@ def agent_env(ctx: Context, state: TaskState, gitenv: Mapping[str, str], api: st
         SHEPHERD_TASK_ID=state.task_id,
         SHEPHERD_BASE_REF=state.base_ref,
         SHEPHERD_STATE_DIR=state_dir(ctx.home),
+        # The CLI keeps tool output under $TMPDIR: keep it where it is scrubbed.
+        TMPDIR=os.path.join(state_dir(ctx.home), "tmp"),
         # The hook's log lines go where ours go: `kubectl logs`.
         SHEPHERD_LOG_FILE=f"/proc/{os.getpid()}/fd/1",
         DISABLE_AUTOUPDATER="1",
@@ -1775,7 +1785,7 @@ class TaskRun:
             try:
                 with open(context_path, "w", encoding="utf-8") as f:
                     f.write(data.get("context") or "(no further context)\n")
-                os.makedirs(state_dir(ctx.home), exist_ok=True)
+                os.makedirs(os.path.join(state_dir(ctx.home), "tmp"), exist_ok=True)
             except OSError as exc:
                 raise Failure(f"HOME is not writable: {exc.filename}: {exc.strerror}") from None
         self._check_stop()
@@ -1830,6 +1840,13 @@ class TaskRun:
                 )  # fmt: skip
             finally:
                 self.details.update(sender.close())
+                scrubbed = scrub_files(
+                    [os.path.join(ctx.home, ".claude"), os.path.join(ctx.home, ".claude.json"),
+                     env["TMPDIR"]],
+                    ctx.redact, token,
+                )  # fmt: skip
+                if scrubbed:
+                    info("token blanked in files the agent wrote", files=scrubbed)
         if agent.metrics:
             self.details.update(agent.metrics.details())
         reason = agent_failure(agent, cfg)
@@ -1839,6 +1856,32 @@ class TaskRun:
             return conclude(
                 state, git, _github(state, token), last_message=agent.last_text, may_block=False
             )
+
+
+def scrub_files(roots: Iterable[str], redact: Redactor, secret: str) -> int:
+    """Blanks `secret` in files the agent's CLI wrote (transcripts, tool output).
+
+    An agent that runs `env` puts the token into its transcript under
+    ~/.claude; the pod's HOME may outlive the task (a debug copy, a volume).
+    """
+    count, needle = 0, secret.encode()
+    for root in roots:
+        paths = [root] if os.path.isfile(root) else (
+            os.path.join(d, f) for d, _, files in os.walk(root) for f in files
+        )  # fmt: skip
+        for path in paths:
+            try:
+                if os.path.islink(path) or os.path.getsize(path) > 256 << 20:
+                    continue
+                with open(path, "rb") as f:
+                    data = f.read()
+                if needle in data:
+                    with open(path, "wb") as f:
+                        f.write(data.replace(needle, redact.MASK.encode()))
+                    count += 1
+            except OSError:
+                continue
+    return count
 
 
 def _stand_down(home: str) -> None:

@@ -29,7 +29,9 @@ def home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HOME", str(path))
     monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
     for name in list(os.environ):
-        if name.startswith(("GIT_CONFIG_", "SHEPHERD_", "GH_", "GITHUB_")):
+        if name.startswith(("GIT_CONFIG_", "SHEPHERD_", "GH_", "GITHUB_")) and not name.startswith(
+            "SHEPHERD_TEST_"
+        ):
             monkeypatch.delenv(name)
     return path
 

@@ -134,11 +134,14 @@ def test_commits_on_another_branch_are_reported_truthfully(task, api, github):
 
 
 def test_stop_failure_reports_the_api_error(task, api):
-    payload = {"hook_event_name": "StopFailure", "error": "overloaded_error: Overloaded"}
+    # The shape observed from Claude Code 2.1.197 (tests/CLI_FINDINGS.md).
+    words = "API Error: 529 overloaded (529). This is a server-side issue."
+    payload = {"hook_event_name": "StopFailure", "error": "server_error",
+               "last_assistant_message": words}  # fmt: skip
     assert call_hook(task.env, payload) == (0, "")
     terminal = api.terminal(TASK)
     assert terminal["event"] == "failed"
-    assert "Overloaded" in terminal["message"]
+    assert terminal["message"] == f"the agent stopped on a model API error (server_error): {words}"
 
 
 def test_hook_stands_down_once_the_runner_has_decided(task, api):

@@ -1,0 +1,255 @@
+"""End to end with the real Claude Code CLI, driven by a scripted model.
+
+The runner runs as production does (`python -m shepherd_runner serve`, the
+repository's settings.json and CLAUDE.md as its config dir); the CLI talks to
+tests/fake_model.py; the Shepherd API and GitHub are the loopback fakes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import secrets
+import signal
+import time
+
+import pytest
+from fake_model import FakeModel
+from harness import Runner, runner_env
+
+pytestmark = pytest.mark.e2e
+TASK = "e2e-task"
+BRANCH = f"shepherd/{TASK}"
+
+
+def bash(command):
+    return {"tool": "Bash", "input": {"command": command, "description": "run"}}
+
+
+def end(text):
+    return {"text": text, "end": True}
+
+
+COMMIT = bash("git add -A && git commit -qm 'Update greeting' && git log --oneline | head -3")
+READ = {"tool": "Read", "input": {"file_path": "README.md"}}
+# The CLI refuses to edit a file it has not read: a change is two steps.
+CHANGE = [READ, {"tool": "Edit", "input": {"file_path": "README.md", "old_string": "hello",
+                                           "new_string": "hello world"}}]  # fmt: skip
+
+
+@pytest.fixture
+def e2e(tmp_path, home, api, github, token, claude_bin):
+    class E2E:
+        repo_url = github.create_repo("acme", "widgets")
+        api_key = "sk-ant-test-" + secrets.token_hex(12)
+        model = None
+
+        def __init__(self):
+            api.add_task(TASK, repo_url=self.repo_url, token=token,
+                         context="The greeting lives in README.md.")  # fmt: skip
+
+        def run(self, script, **extra):
+            self.model = FakeModel(script).start()
+            env = runner_env(
+                tmp_path, claude_bin=claude_bin, github=github, HOME=str(home),
+                ANTHROPIC_BASE_URL=self.model.url, ANTHROPIC_API_KEY=self.api_key,
+                IS_SANDBOX="1",  # CI runs as root; the CLI refuses to skip permissions there
+                CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1",
+                CLAUDE_CODE_MAX_RETRIES="0",  # a failing model fails now, not in 3 minutes
+                **extra,
+            )  # fmt: skip
+            self.runner = Runner(env)
+            self.runner.assign(TASK, api.url)
+            return self.runner
+
+        def finish(self, script, **extra):
+            self.run(script, **extra)
+            self.code = self.runner.wait(timeout=180)
+            return api.terminal(TASK)
+
+    world = E2E()
+    yield world
+    if hasattr(world, "runner"):
+        world.runner.kill()
+    if world.model:
+        world.model.stop()
+
+
+def test_success_is_reported_by_the_stop_hook_and_the_ui_sees_ordered_events(e2e, api, github):
+    script = [
+        {"text": "Let me look at the README first.", **READ},
+        CHANGE[1],
+        bash("cat nonexistent-file"),
+        COMMIT,
+        end("I updated the greeting in README.md and committed it."),
+    ]  # fmt: skip
+    terminal = e2e.finish(script)
+    assert e2e.code == 0, e2e.runner.output
+    assert terminal["event"] == "completed", api.statuses(TASK)
+    # Only the hook sets reported_by=stop-hook, and its log line is in the pod log.
+    assert terminal["details"]["reported_by"] == "stop-hook"
+    assert " INFO stop hook task_id=e2e-task hook_event=Stop" in e2e.runner.output
+    [pull] = github.pulls
+    assert terminal["details"]["pr_url"] == pull["html_url"]
+    assert pull["body"].startswith("I updated the greeting in README.md and committed it.")
+    assert github.log("acme", "widgets", BRANCH)[0] == "Update greeting"
+    fallback = api.statuses(TASK)[-1]
+    assert fallback["details"]["reported_by"] == "shepherd-runner"
+    assert fallback["_accepted_as"] == "already-notified"
+    assert fallback["details"]["num_turns"] >= 5 and "session_id" in fallback["details"]
+
+    events = api.events(TASK)
+    assert [e["sequence"] for e in events] == list(range(1, len(events) + 1))
+    assert fallback["details"]["events_sent"] == len(events)
+    ui = [(e["type"], e.get("tool"), e["summary"]) for e in events]
+    assert ui == [
+        ("thinking", None, "Let me look at the README first."),
+        ("tool_call", "Read", "Reading README.md"),
+        ("tool_result", "Read", "Read ok: 1\thello"),
+        ("tool_call", "Edit", "Editing README.md"),
+        ("tool_result", "Edit", ui[4][2]),
+        ("tool_call", "Bash", "cat nonexistent-file"),
+        ("tool_result", "Bash", "Bash failed: Exit code 1"),
+        ("tool_call", "Bash", "git add -A && git commit -qm 'Update greeting' && git log --oneline | head -3"),
+        ("tool_result", "Bash", ui[8][2]),
+        ("thinking", None, "I updated the greeting in README.md and committed it."),
+    ]  # fmt: skip
+    assert ui[4][2].startswith("Edit ok: The file README.md has been updated")
+    assert events[3]["input"] == {"file_path": "README.md", "edits": 1, "old_chars": 5,
+                                  "new_chars": 11}  # fmt: skip
+    assert events[6]["output"]["success"] is False
+
+
+def test_prompt_carries_description_source_and_context_file(e2e, home):
+    e2e.finish([end("Nothing to do.")])
+    first = json.dumps(e2e.model.requests[0]["messages"])
+    assert "Fix the greeting" in first
+    assert "https://github.com/o/r/issues/1" in first
+    assert str(home / "task-context.md") in first
+    assert (home / "task-context.md").read_text() == "The greeting lives in README.md."
+    assert (home / ".claude" / "settings.json").exists()
+
+
+def test_no_changes_fails_with_the_agents_explanation(e2e, api, github):
+    terminal = e2e.finish([end("I cannot do this: README.md has no greeting to fix.")])
+    assert terminal["event"] == "failed"
+    assert terminal["message"] == "no changes made"
+    assert terminal["details"]["error"] == "I cannot do this: README.md has no greeting to fix."
+    assert terminal["details"]["reported_by"] == "stop-hook"
+    assert github.pulls == []
+
+
+def test_turn_limit_fails_naming_it(e2e, api):
+    terminal = e2e.finish([bash(f"echo step {i}") for i in range(6)], SHEPHERD_MAX_TURNS="2")
+    assert terminal["event"] == "failed"
+    assert terminal["message"] == "the agent reached its turn limit (2 turns, SHEPHERD_MAX_TURNS)"
+    assert e2e.code == 0
+
+
+def test_model_api_error_fails_with_the_clis_error_without_hanging(e2e, api):
+    start = time.monotonic()
+    terminal = e2e.finish([{"error": 500, "message": "the model is down"}])
+    assert time.monotonic() - start < 60
+    assert terminal["event"] == "failed"
+    # The CLI's StopFailure hook and the runner race; both tell the CLI's error.
+    assert "API Error: 500" in terminal["message"], terminal
+    assert e2e.code == 0
+
+
+def test_token_appears_nowhere_the_agent_could_show_it(e2e, api, github, home, tmp_path, token):
+    ps_file = tmp_path / "ps.txt"
+    script = [
+        bash("env | grep '^GH_TOKEN='"),
+        bash("env"),
+        bash("git remote -v"),
+        bash("cat .git/config"),
+        bash("git config --list --show-origin"),
+        bash(f"ps -eo pid,args > {ps_file}"),
+        *CHANGE,
+        COMMIT,
+        end("Done."),
+    ]
+    terminal = e2e.finish(script)
+    assert terminal["event"] == "completed", terminal
+    # The agent did see the token; the UI sees the mask in its place.
+    env_result = next(e for e in api.events(TASK) if e["type"] == "tool_result")
+    assert env_result["output"]["summary"] == "GH_TOKEN=[REDACTED]"
+    leaks = {
+        "statuses": json.dumps(api.statuses(TASK)),
+        "events": json.dumps(api.events(TASK)),
+        "runner and hook log": e2e.runner.output,
+        "ps": ps_file.read_text(),
+    }
+    for where, text in leaks.items():
+        assert token not in text, where
+        assert e2e.api_key not in text, where
+    work = tmp_path / "workspace"
+    for path in [*home.rglob("*"), *work.rglob("*")]:
+        if path.is_file() and not path.is_symlink():
+            assert token.encode() not in path.read_bytes(), path
+    assert len(github.pulls) == 1  # and git still pushed with it
+
+
+def test_uncommitted_work_is_sent_back_once_then_committed_and_opened(e2e, api, github):
+    script = [*CHANGE, end("Done."), bash("git commit -qam 'Commit leftovers'"), end("Committed.")]
+    terminal = e2e.finish(script)
+    assert terminal["event"] == "completed", api.statuses(TASK)
+    assert github.log("acme", "widgets", BRANCH)[0] == "Commit leftovers"
+    assert len(github.pulls) == 1
+    feedback = [e for e in api.events(TASK) if e.get("metadata", {}).get("role") == "user"]
+    assert feedback and feedback[0]["summary"].startswith("Stop hook feedback")
+
+
+def test_pr_opened_by_the_agent_is_found_and_none_added(e2e, api, github):
+    create = (
+        'curl -sf -H "Authorization: Bearer $GH_TOKEN" '
+        f"-d '{{\"title\":\"Mine\",\"head\":\"{BRANCH}\",\"base\":\"main\",\"body\":\"b\"}}' "
+        "$SHEPHERD_GITHUB_API_URL/repos/acme/widgets/pulls"
+    )
+    script = [*CHANGE, COMMIT, bash(f"git push -q origin HEAD && {create}"), end("Opened it.")]
+    terminal = e2e.finish(script)
+    assert terminal["event"] == "completed", api.statuses(TASK)
+    [pull] = github.pulls
+    assert pull["title"] == "Mine"
+    assert terminal["details"]["pr_url"] == pull["html_url"]
+    assert "pr_opened_by" not in terminal["details"]
+
+
+@pytest.mark.parametrize("code", [422, 403])
+def test_github_refusing_the_pr_fails_with_its_reason(e2e, api, github, code):
+    github.fail_next("pulls_create", [code] * 4)
+    terminal = e2e.finish([*CHANGE, COMMIT, end("Done.")])
+    assert terminal["event"] == "failed"
+    assert f"HTTP {code}" in terminal["message"]
+    assert github.pulls == []
+
+
+def _processes(cmdline: bytes) -> list[int]:
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if pathlib.Path(f"/proc/{entry}/cmdline").read_bytes() == cmdline:
+                found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+def test_sigterm_stops_the_cli_and_its_commands_within_10s(e2e, api):
+    marker = b"sleep\x00613\x00"
+    runner = e2e.run([bash("sleep 613"), end("Slept.")])
+    deadline = time.monotonic() + 60
+    while not _processes(marker):  # the agent's command is up: the CLI is mid-tool
+        assert time.monotonic() < deadline and runner.proc.poll() is None, runner.output
+        time.sleep(0.05)
+    start = time.monotonic()
+    runner.proc.send_signal(signal.SIGTERM)
+    assert runner.wait(timeout=20) == 0
+    elapsed = time.monotonic() - start
+    terminal = api.terminal(TASK)
+    assert terminal["event"] == "failed"
+    assert terminal["message"].startswith("terminated (SIGTERM)")
+    assert elapsed < 10, elapsed
+    assert _processes(marker) == []
+    print(f"SIGTERM to exit: {elapsed:.2f}s")

@@ -1,0 +1,245 @@
+"""Checks of the container image, run by `make image-test` (podman, root).
+
+`make image-test` builds the image and names it in SHEPHERD_IMAGE; without
+that variable these tests are skipped, so a plain `pytest` does not need
+podman. SHEPHERD_PODMAN_RUN_ARGS (shell words) replaces the flags that
+`podman run` is found to need on this machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import resource
+import secrets
+import shlex
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+pytestmark = pytest.mark.image
+
+IMAGE = os.environ.get("SHEPHERD_IMAGE", "")
+DEFAULT_PORT = 8888  # the runner's default listen address is :8888
+START_TIMEOUT = 60.0  # seconds for the runner to answer /healthz
+STOP_BUDGET = 10.0  # the runner finishes within 10 s of SIGTERM
+MAX_IMAGE_BYTES = 1 << 30  # a guard: the image is about 0.55 GB
+
+
+def podman(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        ["podman", *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if check and proc.returncode != 0:
+        pytest.fail(f"podman {shlex.join(args)} exited {proc.returncode}:\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def image() -> str:
+    if not IMAGE:
+        pytest.skip("SHEPHERD_IMAGE is not set: `make image-test` builds the image and sets it")
+    if shutil.which("podman") is None:
+        pytest.skip("podman is not installed: `make image-deps`")
+    if podman("image", "exists", IMAGE, check=False).returncode != 0:
+        pytest.fail(f"image {IMAGE} does not exist: `make image`")
+    return IMAGE
+
+
+@pytest.fixture(scope="module")
+def run_args(image: str) -> list[str]:
+    """The extra `podman run` flags this machine needs, found by trying.
+
+    As root, podman asks the OCI runtime for nofile/nproc limits far above
+    the hard limits, which fails on a machine without CAP_SYS_RESOURCE (such
+    as the VM this project builds on), and crun refuses its hybrid cgroups.
+    runc with the limits the caller already has works there. 32768 processes
+    is the most podman itself can hand on here.
+    """
+    if "SHEPHERD_PODMAN_RUN_ARGS" in os.environ:
+        return shlex.split(os.environ["SHEPHERD_PODMAN_RUN_ARGS"])
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    nproc = resource.getrlimit(resource.RLIMIT_NPROC)[1]
+    nproc = 32768 if nproc == resource.RLIM_INFINITY else min(nproc, 32768)
+    constrained = [
+        "--runtime", "runc",
+        "--ulimit", f"nofile={nofile}:{nofile}",
+        "--ulimit", f"nproc={nproc}:{nproc}",
+    ]  # fmt: skip
+    errors = []
+    for candidate in ([], constrained):
+        probe = ["run", "--rm", "--network", "host", *candidate, "--entrypoint", "true", image]
+        proc = podman(*probe, check=False, timeout=60)
+        if proc.returncode == 0:
+            return candidate
+        errors.append(f"{shlex.join(candidate) or '(no flags)'}: {proc.stderr.strip()}")
+    pytest.fail("podman cannot run a container here:\n" + "\n".join(errors))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("0.0.0.0", port))  # noqa: S104 - where the runner would listen
+        except OSError:
+            return False
+        return True
+
+
+@dataclass
+class Container:
+    name: str
+    port: int
+
+    def exec(self, *cmd: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return podman("exec", self.name, *cmd, check=False, timeout=timeout)
+
+    def state(self) -> dict:
+        proc = podman("container", "inspect", "--format", "{{json .State}}", self.name)
+        return json.loads(proc.stdout)
+
+    def logs(self) -> str:
+        proc = podman("logs", self.name, check=False)
+        return proc.stdout + proc.stderr
+
+
+def get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def wait_healthy(ctr: Container) -> tuple[int, bytes, float]:
+    """Poll GET /healthz until it answers or START_TIMEOUT passes."""
+    start = time.monotonic()
+    deadline = start + START_TIMEOUT
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            status, body = get(ctr.port, "/healthz")
+            return status, body, time.monotonic() - start
+        except (ConnectionError, TimeoutError, http.client.HTTPException, OSError) as exc:
+            last_error = exc
+        if not ctr.state().get("Running"):
+            pytest.fail(f"the container exited before answering /healthz:\n{ctr.logs()}")
+        time.sleep(0.1)  # the poll interval of the bounded loop
+    pytest.fail(f"no answer on /healthz in {START_TIMEOUT:.0f} s ({last_error}):\n{ctr.logs()}")
+
+
+@contextlib.contextmanager
+def runner_container(image: str, run_args: list[str], port: int | None = None) -> Iterator:
+    """The image started as it is (entrypoint `shepherd-runner serve`)."""
+    name = f"shepherd-image-test-{secrets.token_hex(4)}"
+    env: list[str] = []
+    if port is None:
+        port = DEFAULT_PORT
+    if port != DEFAULT_PORT:
+        env = ["--env", f"SHEPHERD_RUNNER_ADDR=127.0.0.1:{port}"]
+    podman("run", "--detach", "--name", name, "--network", "host", *run_args, *env, image)
+    try:
+        yield Container(name, port)
+    finally:
+        podman("rm", "--force", "--time", "0", name, check=False)
+
+
+@pytest.fixture(scope="module")
+def container(image: str, run_args: list[str]) -> Iterator[Container]:
+    # --network host: the container's :8888 is the host's. Test the default
+    # address when it is free here, another port otherwise.
+    port = DEFAULT_PORT if port_is_free(DEFAULT_PORT) else free_port()
+    with runner_container(image, run_args, port) as ctr:
+        yield ctr
+
+
+def test_serves_healthz_as_uid_1000(container: Container, image: str) -> None:
+    status, body, took = wait_healthy(container)
+    assert status == 200, body
+    print(f"/healthz answered {status} {took:.1f} s after start")
+    # PID 1 is the runner itself, as uid/gid 1000.
+    proc = container.exec("cat", "/proc/1/status", "/proc/1/cmdline")
+    assert proc.returncode == 0, proc.stderr
+    fields = dict(line.split(":", 1) for line in proc.stdout.splitlines() if ":" in line)
+    assert fields["Uid"].split() == ["1000"] * 4
+    assert fields["Gid"].split() == ["1000"] * 4
+    assert "shepherd-runner" in proc.stdout
+    config = json.loads(podman("image", "inspect", "--format", "{{json .Config}}", image).stdout)
+    assert config["User"] == "1000:1000"
+    assert "8888/tcp" in config.get("ExposedPorts", {})
+
+
+@pytest.mark.parametrize(
+    ("cmd", "expect"),
+    [
+        (["claude", "--version"], "Claude Code"),
+        (["git", "--version"], "git version"),
+        (["gh", "--version"], "gh version"),
+        (["python", "-c", "import shepherd_runner, hook; print(shepherd_runner.__file__)"],
+         "/opt/shepherd/venv/"),
+        (["sh", "-c", "command -v python"], "/opt/shepherd/venv/bin/python"),
+        (["jq", "--version"], "jq-"),
+        (["rg", "--version"], "ripgrep"),
+        (["make", "--version"], "GNU Make"),
+        (["ssh", "-V"], "OpenSSH"),
+        (["curl", "--version"], "curl"),
+    ],
+    ids=lambda value: value[0] if isinstance(value, list) else None,
+)  # fmt: skip
+def test_tool_works_inside(container: Container, cmd: list[str], expect: str) -> None:
+    proc = container.exec(*cmd)
+    assert proc.returncode == 0, proc.stderr
+    assert expect in proc.stdout + proc.stderr
+
+
+def test_no_node_inside(container: Container) -> None:
+    for tool in ("node", "nodejs", "npm", "npx"):
+        proc = container.exec("sh", "-c", f"command -v {tool}")
+        assert proc.returncode != 0, f"{tool} is in the image: {proc.stdout.strip()}"
+
+
+def test_layout(container: Container) -> None:
+    script = (
+        'test -w /workspace && test -w "$HOME" && test "$HOME" = /home/shepherd'
+        " && test -r /etc/shepherd/settings.json && test -r /etc/shepherd/CLAUDE.md"
+        " && test ! -w /opt/shepherd/venv"
+        ' && echo "$SHEPHERD_CONFIG_DIR $SHEPHERD_WORK_DIR $DISABLE_AUTOUPDATER"'
+    )
+    proc = container.exec("sh", "-c", script)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["/etc/shepherd", "/workspace", "1"]
+    proc = container.exec("cat", "/etc/shepherd/settings.json")
+    assert "shepherd_runner hook" in json.dumps(json.loads(proc.stdout))
+
+
+def test_stops_promptly_on_sigterm(image: str, run_args: list[str]) -> None:
+    with runner_container(image, run_args, free_port()) as ctr:
+        wait_healthy(ctr)
+        start = time.monotonic()
+        podman("stop", "--time", "30", ctr.name, timeout=60)
+        took = time.monotonic() - start
+        state = ctr.state()
+    assert took < STOP_BUDGET, f"podman stop took {took:.1f} s"
+    assert state["ExitCode"] != 137, "the runner had to be killed"
+    print(f"stopped {took:.1f} s after SIGTERM, exit code {state['ExitCode']}")
+
+
+def test_image_size(image: str, capsys: pytest.CaptureFixture) -> None:
+    size = int(podman("image", "inspect", "--format", "{{.Size}}", image).stdout)
+    with capsys.disabled():
+        print(f"\nimage {image}: {size / 1e6:.0f} MB")
+    assert size < MAX_IMAGE_BYTES
