@@ -8,7 +8,7 @@ CLAUDE_DIR := .cache/claude-code-$(CLAUDE_CODE_VERSION)
 CLAUDE := $(CLAUDE_DIR)/node_modules/.bin/claude
 export SHEPHERD_TEST_CLAUDE_BIN := $(abspath $(CLAUDE))
 
-.PHONY: install claude test test-e2e lint run demo image image-test clean
+.PHONY: install claude test test-e2e lint run demo fixtures clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,11 +23,19 @@ $(CLAUDE):
 install: $(VENV)/.installed
 claude: $(CLAUDE)
 
+# The image tests have their own target (make image-test).
 test: install claude
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not image"
 
 test-e2e: install claude
 	$(PY) -m pytest -m e2e
+
+demo: install claude
+	$(PY) tests/demo.py
+
+# The demo's servers without the runner: run it yourself (README, Development).
+fixtures: install claude
+	$(PY) tests/demo.py --serve-only
 
 lint: install
 	$(VENV)/bin/ruff check .

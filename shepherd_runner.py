@@ -1080,7 +1080,7 @@ def run_agent(
     except OSError as exc:
         result.missing = f"{cmd[0]}: {exc.strerror or exc}"
         return result
-    info("agent started", pid=proc.pid)
+    info("agent process started", pid=proc.pid)
     tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
     wake = stop.subscribe(threading.Event())
 

@@ -16,7 +16,7 @@ from conftest import ROOT
 class Runner:
     """`python -m shepherd_runner serve` on 127.0.0.1:0, its stdout collected."""
 
-    def __init__(self, env: dict[str, str], *, argv: tuple[str, ...] = ()) -> None:
+    def __init__(self, env: dict[str, str], *, argv: tuple[str, ...] = (), echo: bool = False):
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "shepherd_runner", "serve", *argv],
             env=env,
@@ -25,6 +25,7 @@ class Runner:
             stderr=subprocess.STDOUT,
             text=True,
         )
+        self.echo = echo
         self.lines: list[str] = []
         self.cond = threading.Condition()
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -34,6 +35,8 @@ class Runner:
 
     def _read(self) -> None:
         for line in self.proc.stdout:
+            if self.echo:
+                print(line, end="", flush=True)
             with self.cond:
                 self.lines.append(line.rstrip("\n"))
                 self.cond.notify_all()
