@@ -54,6 +54,7 @@ BRANCH_PREFIX = "shepherd/"
 GIT_IDENTITY = ("Shepherd Bot", "shepherd-bot@users.noreply.github.com")
 
 API_TIMEOUT = (5, 30)  # (connect, read) seconds for every Shepherd API call
+EVENTS_TIMEOUT = (3, 10)  # a stuck events call must not eat the flush deadline
 GITHUB_TIMEOUT = (5, 30)
 GIT_TIMEOUT = 300  # clone of a large repository; every other git call is quick
 KILL_GRACE = 5.0  # SIGTERM -> SIGKILL for the agent's processes
@@ -372,10 +373,12 @@ class ShepherdAPI:
         )
         self.session.mount(self.base + "/events", HTTPAdapter(max_retries=0))
 
-    def _request(self, method: str, path: str, body: Any = None) -> requests.Response:
+    def _request(
+        self, method: str, path: str, body: Any = None, timeout: tuple[float, float] | None = None
+    ) -> requests.Response:
         try:
             return self.session.request(
-                method, self.base + path, json=body, timeout=self.timeout
+                method, self.base + path, json=body, timeout=timeout or self.timeout
             )  # requests sets Content-Type: application/json for json=
         except requests.RequestException as exc:
             raise ApiError(f"Shepherd API unreachable ({method} {path}): {_reason(exc)}") from None
@@ -442,7 +445,7 @@ class ShepherdAPI:
     def post_events(self, events: list[dict[str, Any]]) -> int:
         """One attempt; the HTTP status, or 0 when the API could not be reached."""
         try:
-            return self._request("POST", "/events", {"events": events}).status_code
+            return self._request("POST", "/events", {"events": events}, EVENTS_TIMEOUT).status_code
         except ApiError:
             return 0
 
@@ -1839,7 +1842,9 @@ class TaskRun:
                     timeout=cfg.task_timeout, on_stop=lambda: _stand_down(ctx.home),
                 )  # fmt: skip
             finally:
-                self.details.update(sender.close())
+                # After SIGTERM the pod has 30 s in all: flush briefly, report first.
+                flush = 2.0 if ctx.stop.signum is not None else EVENT_FLUSH_DEADLINE
+                self.details.update(sender.close(flush))
                 scrubbed = scrub_files(
                     [os.path.join(ctx.home, ".claude"), os.path.join(ctx.home, ".claude.json"),
                      env["TMPDIR"]],
