@@ -121,7 +121,9 @@ def _hook(
         sr.info("stop hook asks the agent to go on", reason=outcome.message)
         print(json.dumps({"decision": "block", "reason": outcome.message}), file=stdout)
         return EXIT_OK
-    api.report_status(outcome.event, outcome.message, {**outcome.details, "reported_by": "stop-hook"})
+    api.report_status(
+        outcome.event, outcome.message, {**outcome.details, "reported_by": "stop-hook"}
+    )
     return EXIT_OK
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import ctypes
 import dataclasses
 import datetime
 import http
@@ -417,7 +416,9 @@ class ShepherdAPI:
         if resp.status_code == 410:
             raise TaskGone("the task is already terminal (410 on /token)")
         if resp.status_code == 503:
-            message = "the Shepherd API cannot issue GitHub tokens: its GitHub App is not configured"
+            message = (
+                "the Shepherd API cannot issue GitHub tokens: its GitHub App is not configured"
+            )
             raise ApiError(f"{message} (503)", 503)
         if resp.status_code == 502:
             raise ApiError(f"GitHub refused to issue a token: {_http_error(resp)}", 502)
@@ -439,7 +440,12 @@ class ShepherdAPI:
             error("status not delivered", event=event, error=_http_error(resp))
             return False
         note = _json_object(resp, strict=False).get("note")
-        info("status reported", event=event, message=body["message"], **({"note": note} if note else {}))
+        info(
+            "status reported",
+            event=event,
+            message=body["message"],
+            **({"note": note} if note else {}),
+        )
         return True
 
     def post_events(self, events: list[dict[str, Any]]) -> int:
@@ -555,8 +561,10 @@ class GitHub:
             self.api + "/",
             HTTPAdapter(
                 max_retries=Retry(
-                    total=retries, status_forcelist=(500, 502, 503, 504),
-                    backoff_factor=0.5, raise_on_status=False,
+                    total=retries,
+                    status_forcelist=(500, 502, 503, 504),
+                    backoff_factor=0.5,
+                    raise_on_status=False,
                 )  # fmt: skip
             ),
         )
@@ -589,7 +597,9 @@ class GitHub:
             404: "GitHub cannot see the repository (or the token cannot):",
             422: "GitHub refused to create the pull request on",
         }.get(resp.status_code, f"GitHub {method} {path} failed on")
-        return _cut(f"{hint} {what} (HTTP {resp.status_code}{': ' + message if message else ''})", 500)
+        return _cut(
+            f"{hint} {what} (HTTP {resp.status_code}{': ' + message if message else ''})", 500
+        )
 
     def find_pull(self, branch: str) -> dict[str, Any] | None:
         pulls = self._call(
@@ -779,9 +789,7 @@ class StreamParser:
             self.last_text = text if btype == "text" else self.last_text
             text = self.redact(text)
             return [
-                self.event(
-                    "thinking", _first_line(text), metadata={"text": _cut(text, TEXT_LIMIT)}
-                )
+                self.event("thinking", _first_line(text), metadata={"text": _cut(text, TEXT_LIMIT)})
             ]
         if kind == "assistant" and btype == "tool_use":
             name = str(block.get("name") or "tool")
@@ -804,7 +812,10 @@ class StreamParser:
             summary = f"{name} {'ok' if ok else 'failed'}: {line}"
             return [
                 self.event(
-                    "tool_result", summary, tool=name, output=output,
+                    "tool_result",
+                    summary,
+                    tool=name,
+                    output=output,
                     metadata={"tool_use_id": tool_id, "chars": len(text)},
                 )  # fmt: skip
             ]
@@ -813,7 +824,11 @@ class StreamParser:
     def _result(self, message: dict[str, Any]) -> None:
         def number(key: str, kind: type) -> Any:
             value = message.get(key)
-            return kind(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+            return (
+                kind(value)
+                if isinstance(value, int | float) and not isinstance(value, bool)
+                else None
+            )
 
         self.metrics = AgentMetrics(
             subtype=str(message.get("subtype") or ""),
@@ -858,8 +873,10 @@ class EventSender:
     def put(self, event: dict[str, Any]) -> None:
         with self.cond:
             size = len(self.queue)
-            if self.stopped or size >= self.hard or (
-                size >= self.soft and event["type"] in LOW_VALUE_EVENTS
+            if (
+                self.stopped
+                or size >= self.hard
+                or (size >= self.soft and event["type"] in LOW_VALUE_EVENTS)
             ):
                 self.dropped += 1
                 return
@@ -913,7 +930,7 @@ class EventSender:
                     self.closing = True
                 warn("event streaming stopped: the API no longer takes events", status=status)
                 return
-            transient = status == 0 or status == 429 or status >= 500
+            transient = status in {0, 429} or status >= 500
             if not transient or time.monotonic() + delay > self.deadline:
                 with self.cond:
                     self.dropped += len(batch)
@@ -1344,7 +1361,7 @@ def _positive(kind: type) -> Callable[[str], Any]:
             number = kind(value)
         except ValueError:
             number = 0
-        if number <= 0 or number != number or number == float("inf"):
+        if not 0 < number < float("inf"):  # also refuses nan
             raise argparse.ArgumentTypeError(f"{value!r} is not a positive {kind.__name__}")
         return number
 
@@ -1579,7 +1596,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _not_allowed(self) -> None:
         known = self._path() in ("/task", "/healthz")
-        self._reply(405 if known else 404, {"error": "method not allowed" if known else "not found"})
+        self._reply(
+            405 if known else 404, {"error": "method not allowed" if known else "not found"}
+        )
 
     def __getattr__(self, name: str) -> Any:
         # Any other method (PUT, DELETE, or a made-up one) is a 405, not http.server's 501.
@@ -1681,7 +1700,9 @@ def clone(repo: RepoURL, ref: str, dest: str, git: Git, clone_filter: str) -> No
     try:
         git(*args, "--", repo.url, dest, cwd=os.path.dirname(dest), timeout=GIT_TIMEOUT)
     except CommandError as exc:
-        raise Failure(f"cloning {repo.url} failed: {_cut(exc.err.strip() or str(exc), 600)}") from None
+        raise Failure(
+            f"cloning {repo.url} failed: {_cut(exc.err.strip() or str(exc), 600)}"
+        ) from None
 
 
 def agent_env(ctx: Context, state: TaskState, gitenv: Mapping[str, str], api: str) -> dict:
@@ -1890,9 +1911,8 @@ def scrub_files(roots: Iterable[str], redact: Redactor, secret: str) -> int:
 
 
 def _stand_down(home: str) -> None:
-    with contextlib.suppress(OSError):
-        with open(os.path.join(state_dir(home), "stop"), "w") as f:
-            f.write("the runner has decided the outcome\n")
+    with contextlib.suppress(OSError), open(os.path.join(state_dir(home), "stop"), "w") as f:
+        f.write("the runner has decided the outcome\n")
 
 
 # ---------------------------------------------------------------------------
@@ -1935,7 +1955,7 @@ def main(
 ) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["hook"]:
-        import hook
+        import hook  # noqa: PLC0415 - the serve path never loads the hook
 
         return hook.main(argv[1:], environ=environ)
     if not argv or argv[0] not in ("serve", "--version"):  # serve is the default

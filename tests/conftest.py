@@ -23,8 +23,7 @@ def home(tmp_path_factory, monkeypatch):
     """Every test gets its own HOME with a git identity, and no git config leaks in."""
     path = tmp_path_factory.mktemp("home")
     (path / ".gitconfig").write_text(
-        "[user]\n\tname = Test User\n\temail = test@example.com\n"
-        "[init]\n\tdefaultBranch = main\n"
+        "[user]\n\tname = Test User\n\temail = test@example.com\n[init]\n\tdefaultBranch = main\n"
     )
     monkeypatch.setenv("HOME", str(path))
     monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")

@@ -87,7 +87,11 @@ def by_hand(env: dict[str, str], api: FakeShepherd) -> str:
              "SHEPHERD_GITHUB_API_URL", "ANTHROPIC_BASE_URL", "ANTHROPIC_API_KEY", "IS_SANDBOX",
              "CLAUDE_CODE_MAX_RETRIES", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC")  # fmt: skip
     print("Fixtures are up. In another shell, from the repository:\n")
-    print("  " + " \\\n  ".join(f"{n}={env[n]}" for n in names) + " \\\n  .venv/bin/python -m shepherd_runner\n")
+    print(
+        "  "
+        + " \\\n  ".join(f"{n}={env[n]}" for n in names)
+        + " \\\n  .venv/bin/python -m shepherd_runner\n"
+    )
     body = f'{{"taskID": "{TASK}", "apiURL": "{api.url}"}}'
     print(f"  curl -XPOST localhost:8888/task -H 'Content-Type: application/json' -d '{body}'\n")
     print("Waiting for the task's terminal status (Ctrl-C to stop)...")
@@ -114,7 +118,8 @@ def report(api: FakeShepherd, github: FakeGitHub, code: int | str) -> None:
     if sha:
         print(f"  commits: {github.log('acme', 'hello', branch)}")
     for pull in github.pulls:
-        print(f"  pull request {pull['html_url']}: {pull['title']!r} ({pull['head']} -> {pull['base']})")
+        route = f"{pull['head']} -> {pull['base']}"
+        print(f"  pull request {pull['html_url']}: {pull['title']!r} ({route})")
 
 
 if __name__ == "__main__":

@@ -31,10 +31,10 @@ def say(text):
 
 def tool(name, args, output, is_error=False):
     tool_id = f"toolu_{next(_ids)}"
-    emit({"type": "assistant", "message": {"id": f"msg_{next(_ids)}", "role": "assistant",
-          "content": [{"type": "tool_use", "id": tool_id, "name": name, "input": args}]}})  # fmt: skip
-    emit({"type": "user", "message": {"role": "user", "content": [
-        {"tool_use_id": tool_id, "type": "tool_result", "content": output, "is_error": is_error}]}})  # fmt: skip
+    use = {"type": "tool_use", "id": tool_id, "name": name, "input": args}
+    emit({"type": "assistant", "message": {"id": f"msg_{next(_ids)}", "content": [use]}})
+    done = {"tool_use_id": tool_id, "type": "tool_result", "content": output, "is_error": is_error}
+    emit({"type": "user", "message": {"role": "user", "content": [done]}})
 
 
 def bash(command):
@@ -86,12 +86,21 @@ def record():
     facts = {
         "argv": sys.argv[1:],
         "cwd": os.getcwd(),
-        "env": {k: env.get(k) for k in ("SHEPHERD_API_URL", "SHEPHERD_TASK_ID", "SHEPHERD_BASE_REF",
-                                       "DISABLE_AUTOUPDATER", "CI")},  # fmt: skip
+        "env": {
+            k: env.get(k)
+            for k in (
+                "SHEPHERD_API_URL",
+                "SHEPHERD_TASK_ID",
+                "SHEPHERD_BASE_REF",
+                "DISABLE_AUTOUPDATER",
+                "CI",
+            )
+        },  # fmt: skip
         "has_gh_token": bool(env.get("GH_TOKEN")),
         "ps": subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout,
-        "branch": subprocess.run(["git", "branch", "--show-current"], capture_output=True,
-                                 text=True).stdout.strip(),  # fmt: skip
+        "branch": subprocess.run(
+            ["git", "branch", "--show-current"], capture_output=True, text=True
+        ).stdout.strip(),  # fmt: skip
     }
     with open(path, "w") as f:
         json.dump(facts, f)
@@ -136,8 +145,8 @@ def main():
         api = os.environ["SHEPHERD_GITHUB_API_URL"]
         owner_repo = os.environ["STAND_IN_REPO"]
         bash(
-            f"curl -sf -H \"Authorization: Bearer $GH_TOKEN\" -d '{{\"title\":\"t\","
-            f"\"head\":\"{record_branch()}\",\"base\":\"main\",\"body\":\"b\"}}' "
+            f'curl -sf -H "Authorization: Bearer $GH_TOKEN" -d \'{{"title":"t",'
+            f'"head":"{record_branch()}","base":"main","body":"b"}}\' '
             f"{api}/repos/{owner_repo}/pulls"
         )
         stop("I opened the pull request myself.")

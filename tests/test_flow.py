@@ -16,6 +16,7 @@ import signal
 import time
 
 import pytest
+
 from harness import Runner, runner_env
 
 STAND_IN = str(pathlib.Path(__file__).with_name("stand_in_agent.py"))
@@ -286,7 +287,9 @@ def test_sigterm_stops_every_agent_process_and_the_runners_failure_lands_first(w
     assert terminal["message"].startswith("terminated (SIGTERM)")
     assert terminal["details"]["reported_by"] == "shepherd-runner"
     # The hook the agent ran on SIGTERM stood down instead of reporting "completed".
-    assert [s for s in api.statuses(TASK) if s.get("details", {}).get("reported_by") == "stop-hook"] == []
+    assert [
+        s for s in api.statuses(TASK) if s.get("details", {}).get("reported_by") == "stop-hook"
+    ] == []
     assert _sleepers(f"STAND_IN_RECORD={world.record}") == []
 
 

@@ -6,8 +6,9 @@ import io
 import json
 import subprocess
 
-import hook
 import pytest
+
+import hook
 import shepherd_runner as sr
 
 TASK = "hook-task"
@@ -101,7 +102,9 @@ def test_draft_pr_when_configured(task, api, github):
 
 
 def test_no_commits_fails_with_the_last_message(task, api, github):
-    code, out = call_hook(task.env, stop_payload(last_assistant_message="Impossible: no such file."))
+    code, out = call_hook(
+        task.env, stop_payload(last_assistant_message="Impossible: no such file.")
+    )
     assert (code, out) == (0, "")
     terminal = api.terminal(TASK)
     assert (terminal["event"], terminal["message"]) == ("failed", "no changes made")
