@@ -25,7 +25,7 @@ claude: $(CLAUDE)
 
 # The image tests have their own target (make image-test).
 test: install claude
-	$(PY) -m pytest -m "not image"
+	$(PY) -m pytest
 
 test-e2e: install claude
 	$(PY) -m pytest -m e2e
@@ -37,7 +37,7 @@ demo: install claude
 fixtures: install claude
 	$(PY) tests/demo.py --serve-only
 
-lint: install
+lint: install lint-deploy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 

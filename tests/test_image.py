@@ -1,9 +1,10 @@
 """Checks of the container image, run by `make image-test` (podman, root).
 
-`make image-test` builds the image and names it in SHEPHERD_IMAGE; without
-that variable these tests are skipped, so a plain `pytest` does not need
-podman. SHEPHERD_PODMAN_RUN_ARGS (shell words) replaces the flags that
-`podman run` is found to need on this machine.
+`make image-test` builds the image and names it in SHEPHERD_IMAGE; the
+suite's default marker expression (`-m 'not image'`) leaves these tests out
+of `make test`, and without the image they fail, never skip.
+SHEPHERD_PODMAN_RUN_ARGS (shell words) replaces the flags that `podman run`
+is found to need on this machine.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+
+from fake_model import FakeModel
 
 pytestmark = pytest.mark.image
 
@@ -45,9 +48,9 @@ def podman(*args: str, check: bool = True, timeout: float = 120) -> subprocess.C
 @pytest.fixture(scope="module")
 def image() -> str:
     if not IMAGE:
-        pytest.skip("SHEPHERD_IMAGE is not set: `make image-test` builds the image and sets it")
+        pytest.fail("SHEPHERD_IMAGE is not set: `make image-test` builds the image and sets it")
     if shutil.which("podman") is None:
-        pytest.skip("podman is not installed: `make image-deps`")
+        pytest.fail("podman is not installed: `make image-deps`")
     if podman("image", "exists", IMAGE, check=False).returncode != 0:
         pytest.fail(f"image {IMAGE} does not exist: `make image`")
     return IMAGE
@@ -143,7 +146,9 @@ def wait_healthy(ctr: Container) -> tuple[int, bytes, float]:
 
 
 @contextlib.contextmanager
-def runner_container(image: str, run_args: list[str], port: int | None = None) -> Iterator:
+def runner_container(
+    image: str, run_args: list[str], port: int | None = None, environ: dict | None = None
+) -> Iterator:
     """The image started as it is (entrypoint `shepherd-runner serve`)."""
     name = f"shepherd-image-test-{secrets.token_hex(4)}"
     env: list[str] = []
@@ -151,6 +156,8 @@ def runner_container(image: str, run_args: list[str], port: int | None = None) -
         port = DEFAULT_PORT
     if port != DEFAULT_PORT:
         env = ["--env", f"SHEPHERD_RUNNER_ADDR=127.0.0.1:{port}"]
+    for key, value in (environ or {}).items():
+        env += ["--env", f"{key}={value}"]
     podman("run", "--detach", "--name", name, "--network", "host", *run_args, *env, image)
     try:
         yield Container(name, port)
@@ -171,13 +178,13 @@ def test_serves_healthz_as_uid_1000(container: Container, image: str) -> None:
     status, body, took = wait_healthy(container)
     assert status == 200, body
     print(f"/healthz answered {status} {took:.1f} s after start")
-    # PID 1 is the runner itself, as uid/gid 1000.
+    # PID 1 is tini, which runs the runner, all as uid/gid 1000.
     proc = container.exec("cat", "/proc/1/status", "/proc/1/cmdline")
     assert proc.returncode == 0, proc.stderr
     fields = dict(line.split(":", 1) for line in proc.stdout.splitlines() if ":" in line)
     assert fields["Uid"].split() == ["1000"] * 4
     assert fields["Gid"].split() == ["1000"] * 4
-    assert "shepherd-runner" in proc.stdout
+    assert "tini" in proc.stdout and "shepherd-runner" in proc.stdout
     config = json.loads(podman("image", "inspect", "--format", "{{json .Config}}", image).stdout)
     assert config["User"] == "1000:1000"
     assert "8888/tcp" in config.get("ExposedPorts", {})
@@ -243,3 +250,91 @@ def test_image_size(image: str, capsys: pytest.CaptureFixture) -> None:
     with capsys.disabled():
         print(f"\nimage {image}: {size / 1e6:.0f} MB")
     assert size < MAX_IMAGE_BYTES
+
+
+# --- a real task inside the image -------------------------------------------
+
+
+def _processes(cmdline: bytes) -> list[int]:
+    """Host pids whose command line is `cmdline` (the container's are visible here)."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError), open(f"/proc/{entry}/cmdline", "rb") as f:
+            if f.read() == cmdline:
+                found.append(int(entry))
+    return found
+
+
+@contextlib.contextmanager
+def task_container(image, run_args, api, github, token, script):
+    """A container whose runner, CLI and hook are the image's, with one task assigned.
+
+    --network host: the fakes on the host's loopback are the container's too.
+    """
+    repo = github.create_repo("acme", "widgets")
+    api.add_task(TASK, repo_url=repo, token=token)
+    with FakeModel(script) as model:
+        environ = {
+            "ANTHROPIC_BASE_URL": model.url,
+            "ANTHROPIC_API_KEY": "sk-ant-image-test-" + secrets.token_hex(8),
+            "SHEPHERD_GITHUB_API_URL": github.api_url,
+            "CLAUDE_CODE_MAX_RETRIES": "0",
+            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        }
+        with runner_container(image, run_args, free_port(), environ) as ctr:
+            wait_healthy(ctr)
+            conn = http.client.HTTPConnection("127.0.0.1", ctr.port, timeout=10)
+            conn.request("POST", "/task", json.dumps({"taskID": TASK, "apiURL": api.url}),
+                         {"Content-Type": "application/json"})  # fmt: skip
+            assert conn.getresponse().status == 200
+            conn.close()
+            yield ctr
+
+
+TASK = "image-task"
+COMMIT = "git add -A && git commit -qm 'Update greeting'"
+
+
+def test_task_runs_end_to_end_inside_the_image(image, run_args, api, github, token):
+    script = [
+        {"tool": "Read", "input": {"file_path": "README.md"}},
+        {"tool": "Edit", "input": {"file_path": "README.md", "old_string": "hello",
+                                   "new_string": "hello world"}},
+        {"tool": "Bash", "input": {"command": COMMIT, "description": "commit"}},
+        {"text": "Updated the greeting.", "end": True},
+    ]  # fmt: skip
+    with task_container(image, run_args, api, github, token, script) as ctr:
+        terminal = api.wait_terminal(TASK, timeout=120)
+        podman("wait", ctr.name, timeout=60)
+        state, logs = ctr.state(), ctr.logs()
+    assert terminal["event"] == "completed", (terminal, logs)
+    # The image's baked settings.json hook (python -m shepherd_runner hook) reported it.
+    assert terminal["details"]["reported_by"] == "stop-hook", logs
+    assert github.log("acme", "widgets", f"shepherd/{TASK}")[0] == "Update greeting"
+    assert len(github.pulls) == 1
+    assert state["ExitCode"] == 0, logs
+    assert token not in logs
+
+
+def test_podman_stop_during_a_task_reports_failed_and_leaves_nothing(
+    image, run_args, api, github, token
+):
+    marker = b"sleep\x00617\x00"
+    script = [{"tool": "Bash", "input": {"command": "sleep 617", "description": "wait"}},
+              {"text": "Slept.", "end": True}]  # fmt: skip
+    with task_container(image, run_args, api, github, token, script) as ctr:
+        deadline = time.monotonic() + 90
+        while not _processes(marker):  # the agent is in the middle of its command
+            assert time.monotonic() < deadline and ctr.state().get("Running"), ctr.logs()
+            time.sleep(0.1)
+        start = time.monotonic()
+        podman("stop", "--time", "30", ctr.name, timeout=60)
+        took = time.monotonic() - start
+        state, logs = ctr.state(), ctr.logs()
+    terminal = api.terminal(TASK)
+    assert terminal is not None and terminal["event"] == "failed", logs
+    assert terminal["message"].startswith("terminated (SIGTERM)")
+    assert state["ExitCode"] == 0, logs
+    assert took < STOP_BUDGET
+    assert _processes(marker) == []
+    print(f"podman stop during a task: {took:.2f} s to a clean exit")

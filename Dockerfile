@@ -1,0 +1,118 @@
+# shepherd-runner: the Shepherd task runner with the Claude Code CLI and the
+# tools the agent works with.  Build: `make image` (buildah, local base) or any
+# Dockerfile builder (`docker buildx build .`, release workflow).
+#
+# Stages: `claude` fetches the pinned Claude Code CLI with npm and keeps only
+# its native binary; `venv` installs the runner into a virtualenv; the final
+# stage has neither Node.js nor compilers nor build caches.
+
+ARG CLAUDE_CODE_VERSION=2.1.197
+
+# --- Claude Code CLI ----------------------------------------------------------
+# Debian bookworm's nodejs (18.19) and npm (9.2) install the package fine: its
+# engines field asks for node >= 18, and the postinstall script only links the
+# platform binary. npm's Debian package drags node-gyp and a toolchain in, but
+# only into this throw-away stage.
+FROM debian:bookworm-slim AS claude
+ARG CLAUDE_CODE_VERSION
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# Debian's archive pins the package versions of a release; no further pins.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates nodejs npm \
+    && rm -rf /var/lib/apt/lists/*
+# Node ships its own CA list: trust the system's (a TLS-intercepting proxy's CA
+# may be in there on a build machine).
+ENV NODE_EXTRA_CA_CERTS=/etc/ssl/certs/ca-certificates.crt \
+    npm_config_update_notifier=false
+WORKDIR /build
+# The CLI's native binary comes as the optional dependency
+# @anthropic-ai/claude-code-linux-x64 (glibc); bin/claude.exe of the main
+# package is a hard link to it after postinstall. Keep that file only.
+RUN npm install --no-audit --no-fund --loglevel=error \
+        "@anthropic-ai/claude-code@${CLAUDE_CODE_VERSION}" \
+    && install -D -m 0755 node_modules/@anthropic-ai/claude-code-linux-x64/claude /out/claude \
+    && HOME=/tmp /out/claude --version | grep -F "${CLAUDE_CODE_VERSION}" \
+    && rm -rf /build/node_modules /root/.npm /tmp/*
+
+# --- the runner's virtualenv ---------------------------------------------------
+FROM debian:bookworm-slim AS venv
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/*
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_CERT=/etc/ssl/certs/ca-certificates.crt
+RUN python3 -m venv /opt/shepherd/venv
+WORKDIR /src
+# README* so that a tree without README.md still builds (setup.cfg reads it
+# for long_description; setuptools skips a missing file).
+COPY setup.cfg pyproject.toml README* shepherd_runner.py hook.py ./
+# The runner's one dependency (requests) comes with it. pip and setuptools are
+# then removed from the runner's venv: the agent has Debian's pip and venv, and
+# the runner's environment stays as built.
+RUN /opt/shepherd/venv/bin/pip install /src \
+    && /opt/shepherd/venv/bin/pip uninstall -y -q setuptools pip \
+    && /opt/shepherd/venv/bin/python -c 'import shepherd_runner, hook, requests'
+
+# --- final image ---------------------------------------------------------------
+FROM debian:bookworm-slim
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+# The agent's tools, and tini as PID 1 (see ENTRYPOINT).
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends \
+        ca-certificates curl gh git jq make openssh-client \
+        python3 python3-pip python3-venv ripgrep tini \
+    && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /var/log/apt/* /var/log/dpkg.log
+
+RUN groupadd --gid 1000 shepherd \
+    && useradd --uid 1000 --gid 1000 --home-dir /home/shepherd --create-home \
+        --shell /bin/bash shepherd \
+    && install -d -o 1000 -g 1000 -m 0755 /workspace
+
+COPY --from=claude /out/claude /usr/local/bin/claude
+COPY --from=venv /opt/shepherd/venv /opt/shepherd/venv
+# Baked under /etc/shepherd: $HOME is an emptyDir at run time, so the runner
+# copies these into ~/.claude/ when it starts.
+COPY settings.json CLAUDE.md /etc/shepherd/
+
+# `python` is the venv's: the Stop hook runs `python -m shepherd_runner hook`.
+ENV PATH=/opt/shepherd/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    HOME=/home/shepherd \
+    LANG=C.UTF-8 \
+    PYTHONUNBUFFERED=1 \
+    SHEPHERD_CONFIG_DIR=/etc/shepherd \
+    SHEPHERD_WORK_DIR=/workspace \
+    DISABLE_AUTOUPDATER=1
+
+WORKDIR /workspace
+EXPOSE 8888
+USER 1000:1000
+
+# Labels last: the version and revision change with every commit and would
+# otherwise invalidate the cached layers above.
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+# the repository URL; `make image` and the release workflow pass it
+ARG SOURCE=""
+LABEL org.opencontainers.image.title="shepherd-runner" \
+      org.opencontainers.image.description="Runs one Shepherd coding task with the Claude Code CLI and reports the outcome" \
+      org.opencontainers.image.source="${SOURCE}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.base.name="debian:bookworm-slim"
+
+# PID 1 is tini, the runner its child. The agent's commands outlive their
+# parents (each Bash command runs in a session of its own) and are re-parented
+# to PID 1, which must reap them. The runner does not: a waitpid(-1) reaper
+# would steal the exit statuses of its own git and agent subprocesses. tini
+# reaps them and forwards SIGTERM to the runner, which stops every process of
+# the task (found by a marker in their environment) and reports; the
+# container's exit code is the runner's.
+ENTRYPOINT ["/usr/bin/tini", "--", "/opt/shepherd/venv/bin/shepherd-runner"]
+CMD ["serve"]
