@@ -865,6 +865,7 @@ class EventSender:
         self.cond = threading.Condition()
         self.sent = self.dropped = self.requests = 0
         self.closing = False
+        self.failing = False  # the last post failed: the API is down or refusing
         self.deadline = float("inf")
         self.stopped = ""  # why streaming stopped for good (410/404)
         self.thread = threading.Thread(target=self._run, name="events", daemon=True)
@@ -885,10 +886,14 @@ class EventSender:
                 self.cond.notify()
 
     def close(self, timeout: float = EVENT_FLUSH_DEADLINE) -> dict[str, int]:
-        """Flushes what is queued within `timeout` seconds; returns the counts."""
+        """Flushes what is queued within `timeout` seconds; returns the counts.
+
+        When the API is failing already, one more try is all it gets: a dead
+        events endpoint must not hold up the terminal status.
+        """
         with self.cond:
             self.closing = True
-            self.deadline = time.monotonic() + timeout
+            self.deadline = time.monotonic() + (min(timeout, 1.0) if self.failing else timeout)
             self.cond.notify()
         self.thread.join(timeout + 1)
         with self.cond:
@@ -919,6 +924,7 @@ class EventSender:
         while True:
             status = self.post(batch)
             self.requests += 1
+            self.failing = status != 200
             if status == 200:
                 self.sent += len(batch)
                 return
@@ -1182,6 +1188,9 @@ def agent_failure(run: AgentRun, cfg: Config) -> str:
     if metrics is not None and metrics.is_error:
         text = _cut(metrics.result or stderr, 600)
         return "the agent failed" + (f": {text}" if text else "")
+    if run.exit_code is not None and run.exit_code < 0:
+        name = signal.Signals(-run.exit_code).name
+        return f"the agent was killed by {name}" + (f": {stderr}" if stderr else "")
     if run.exit_code != 0:
         return f"the agent exited with code {run.exit_code}" + (f": {stderr}" if stderr else "")
     if metrics is None:

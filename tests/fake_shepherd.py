@@ -15,6 +15,7 @@ import json
 import re
 import secrets
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -165,6 +166,7 @@ class FakeShepherd:
         self._tasks: dict[str, _Task] = {}
         self._faults: dict[tuple[str, str], list] = {}
         self._delays: dict[str, float] = {}
+        self._outages: dict[str, tuple[float, int]] = {}
         self._cond = threading.Condition()
         self._stopping = threading.Event()
         self._server = None
@@ -274,6 +276,13 @@ class FakeShepherd:
         with self._cond:
             self._faults.setdefault((task_id, suffix), []).extend(codes)
 
+    def fail_for(self, suffix, seconds, code=503):
+        """Every request to `suffix` answers `code` for the next `seconds`: an outage."""
+        if suffix not in METHODS:
+            raise ValueError(f"unknown suffix {suffix!r}")
+        with self._cond:
+            self._outages[suffix] = (time.monotonic() + seconds, code)
+
     def set_delay(self, suffix, seconds):
         if suffix not in METHODS:
             raise ValueError(f"unknown suffix {suffix!r}")
@@ -300,6 +309,9 @@ class FakeShepherd:
             delay = self._delays.get(suffix, 0)
             faults = self._faults.get((task_id, suffix))
             fault = faults.pop(0) if faults else None
+            until, code = self._outages.get(suffix, (0.0, 0))
+            if fault is None and time.monotonic() < until:
+                fault = code
         if delay:
             self._stopping.wait(delay)
         if fault == "drop":

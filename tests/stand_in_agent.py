@@ -130,6 +130,20 @@ def main():
     elif scenario == "crash":
         print("fatal: the agent crashed", file=sys.stderr, flush=True)
         sys.exit(3)
+    elif scenario == "killed":
+        # Dies mid-line, as an agent killed by the OOM killer would.
+        sys.stdout.write('{"type": "assistant", "message": {"content": [{"type": "te')
+        sys.stdout.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif scenario == "noisy":
+        out = sys.stdout.buffer
+        out.write(b"\x00\xff\xfe garbage \x80\n")
+        out.write(b'{"type": "user", "message": {"content": "' + b"x" * (20 << 20) + b'"}}\n')
+        out.flush()
+        commit()
+        stop("Done despite the noise.")
+        result("Done despite the noise.")
+        out.write(b'{"type": "assistant", "mess')  # a partial last line
     elif scenario == "max-turns":
         commit()
         result("", subtype="error_max_turns", is_error=True)
