@@ -512,6 +512,9 @@ _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 
 def parse_repo_url(url: str) -> RepoURL:
     """An https (or http) GitHub repository URL; anything else is refused before git runs."""
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+        # urlsplit silently drops tabs and newlines; git would get them.
+        raise Failure(f"repository URL has control characters: {url!r}")
     parts = urllib.parse.urlsplit(url.strip())
     if parts.scheme not in ("https", "http") or not parts.hostname:
         raise Failure(f"repository URL must be http(s)://host/owner/repo, got {url!r}")
@@ -525,7 +528,7 @@ def parse_repo_url(url: str) -> RepoURL:
     owner, name = segments[0], segments[1].removesuffix(".git")
     if not all(_NAME_RE.fullmatch(s) for s in (owner, name)) or name in (".", ".."):
         raise Failure(f"repository URL has an invalid owner or name: {url!r}")
-    return RepoURL(url.strip(), parts.scheme, parts.netloc, owner, name)
+    return RepoURL(url.strip(), parts.scheme, parts.netloc.lower(), owner, name)
 
 
 class GitHubError(Exception):
@@ -751,7 +754,7 @@ class StreamParser:
             return []
         try:
             return self._message(message)
-        except (TypeError, AttributeError, ValueError) as exc:
+        except (TypeError, AttributeError, ValueError, RecursionError) as exc:
             kind = message.get("type")
             return [self.event("error", f"malformed agent output ({kind}): {exc}")]
 
@@ -794,9 +797,11 @@ class StreamParser:
         if kind == "assistant" and btype == "tool_use":
             name = str(block.get("name") or "tool")
             self.tools[str(block.get("id"))] = name
+            # Redact before describe_tool cuts strings: a cut token no longer matches.
             args = block.get("input") if isinstance(block.get("input"), dict) else {}
+            args = self.redact.deep(args)
             summary, condensed = describe_tool(name, args)
-            metadata = {"tool_use_id": block.get("id")}
+            metadata = {"tool_use_id": str(block.get("id"))}
             return [self.event("tool_call", summary, tool=name, input=condensed, metadata=metadata)]
         if kind == "user" and btype == "text" and isinstance(block.get("text"), str):
             # Stop hook feedback ("Stop hook feedback: ...") and interruptions.
@@ -824,11 +829,12 @@ class StreamParser:
     def _result(self, message: dict[str, Any]) -> None:
         def number(key: str, kind: type) -> Any:
             value = message.get(key)
-            return (
-                kind(value)
-                if isinstance(value, int | float) and not isinstance(value, bool)
-                else None
-            )
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                return None
+            try:
+                return kind(value)
+            except (OverflowError, ValueError):  # 1e999, or a 400-digit integer
+                return None
 
         self.metrics = AgentMetrics(
             subtype=str(message.get("subtype") or ""),
@@ -863,7 +869,7 @@ class EventSender:
         self.soft, self.hard, self.backoff = soft, hard, backoff
         self.queue: collections.deque[tuple[float, dict[str, Any]]] = collections.deque()
         self.cond = threading.Condition()
-        self.sent = self.dropped = self.requests = 0
+        self.sent = self.dropped = self.requests = self.in_flight = 0
         self.closing = False
         self.failing = False  # the last post failed: the API is down or refusing
         self.deadline = float("inf")
@@ -895,9 +901,10 @@ class EventSender:
             self.closing = True
             self.deadline = time.monotonic() + (min(timeout, 1.0) if self.failing else timeout)
             self.cond.notify()
-        self.thread.join(timeout + 1)
+        self.thread.join(timeout)
         with self.cond:
-            self.dropped += len(self.queue)
+            # A batch still being posted is not known to have arrived.
+            self.dropped += len(self.queue) + (self.in_flight if self.thread.is_alive() else 0)
             self.queue.clear()
             return {"events_sent": self.sent, "events_dropped": self.dropped}
 
@@ -907,8 +914,8 @@ class EventSender:
                 if self.queue:
                     wait = self.queue[0][0] + self.interval - time.monotonic()
                     if self.closing or len(self.queue) >= self.batch or wait <= 0:
-                        count = min(self.batch, len(self.queue))
-                        return [self.queue.popleft()[1] for _ in range(count)]
+                        self.in_flight = min(self.batch, len(self.queue))
+                        return [self.queue.popleft()[1] for _ in range(self.in_flight)]
                     self.cond.wait(wait)
                 elif self.closing:
                     return None
@@ -923,28 +930,29 @@ class EventSender:
         delay = self.backoff
         while True:
             status = self.post(batch)
-            self.requests += 1
-            self.failing = status != 200
-            if status == 200:
-                self.sent += len(batch)
-                return
-            if status in (404, 410):
-                with self.cond:
+            with self.cond:
+                self.requests += 1
+                self.failing = status != 200
+                transient = status in {0, 429} or status >= 500
+                if status == 200:
+                    self.sent += len(batch)
+                elif status in (404, 410):  # the task is gone or terminal: stop for good
                     self.stopped = f"HTTP {status}"
                     self.dropped += len(batch) + len(self.queue)
                     self.queue.clear()
                     self.closing = True
-                warn("event streaming stopped: the API no longer takes events", status=status)
-                return
-            transient = status in {0, 429} or status >= 500
-            if not transient or time.monotonic() + delay > self.deadline:
-                with self.cond:
+                elif not transient or time.monotonic() + delay > self.deadline:
                     self.dropped += len(batch)
+                else:
+                    self.cond.wait(delay)  # wakes early when close() shortens the deadline
+                    delay = min(delay * 2, 8.0)
+                    continue
+                self.in_flight = 0
+            if self.stopped:
+                warn("event streaming stopped: the API no longer takes events", status=status)
+            elif status != 200:
                 warn("events dropped", count=len(batch), status=status or "unreachable")
-                return
-            with self.cond:  # wakes early when close() shortens the deadline
-                self.cond.wait(delay)
-            delay = min(delay * 2, 8.0)
+            return
 
 
 # ---------------------------------------------------------------------------
@@ -1406,6 +1414,8 @@ def check_api_url(url: str) -> str | None:
         parts.port  # noqa: B018 - raises on a malformed port
     except ValueError as exc:
         return f"malformed URL ({exc})"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+        return "must not contain control characters"
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return "must be an absolute http(s) URL with a host"
     if parts.username or parts.password:
@@ -1416,7 +1426,11 @@ def check_api_url(url: str) -> str | None:
 
 
 class _Parser(argparse.ArgumentParser):
+    envs: dict[str, str] = {}  # flag -> environment variable, for error messages
+
     def error(self, message: str) -> Any:  # argparse would exit 2 with a usage text
+        for flag, env in self.envs.items():  # a pod sets the variable, not the flag
+            message = message.replace(f"argument {flag}:", f"argument {flag} ({env}):")
         raise UsageError(message)
 
 
@@ -1439,6 +1453,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
 
     def setting(flag: str, env: str, default: str, kind: Callable[[str], Any], text: str) -> None:
         value = environ.get(env, default)
+        serve.envs = {**serve.envs, flag: env}
         serve.add_argument(
             flag, default=value, type=kind, metavar=env,
             help=f"{text} (env {env}, default {default!r})",
@@ -1534,6 +1549,7 @@ class AssignmentServer(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128  # socketserver's 5 resets an operator's burst of retries
 
     def __init__(self, addr: tuple[str, int], allowed: tuple[str, ...], wake: threading.Event):
         self.allowed = allowed
@@ -1578,7 +1594,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._reply(status, {"error": "method not allowed" if status == 405 else "not found"})
             return
         length = self.headers.get("Content-Length", "")
-        if not length.isdigit():
+        if not (length.isascii() and length.isdigit()):  # "²".isdigit() is True
             self.close_connection = True
             self._reply(411, {"error": "Content-Length required"})
             return
@@ -1619,10 +1635,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         # Unparseable requests are the client's fault: 400, never a 5xx.
         if code >= 500:
             code, message = 400, "bad request"
+        if self.request_version == "HTTP/0.9":  # a status line, whatever the request said
+            self.request_version = "HTTP/1.0"
         super().send_error(code, message, explain)
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        info("http request", method=self.command, path=_cut(str(self.path), 200), status=code)
+        # An unparseable request line leaves command and path unset.
+        path = _cut(str(getattr(self, "path", "")), 200)
+        info("http request", method=getattr(self, "command", ""), path=path, status=code)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's name
         warn("http server", message=_cut(format % args, 300), client=self.client_address[0])
