@@ -9,6 +9,7 @@ from datetime import datetime
 
 import pytest
 import requests
+
 from fake_github import FakeGitHub
 from fake_shepherd import FakeShepherd
 
