@@ -67,6 +67,7 @@ INPUT_STRING_LIMIT = 200  # characters of each string in a condensed tool input
 # oldest queued event; past EVENT_QUEUE_SOFT queued events the low-value kinds
 # are dropped, past EVENT_QUEUE_HARD everything is (and counted).
 EVENT_BATCH = 50
+EVENT_BATCH_MAX = 500  # a backlog goes in bigger requests (far below the API's 10 MiB)
 EVENT_FLUSH_SECONDS = 0.25
 EVENT_QUEUE_SOFT = 2000
 EVENT_QUEUE_HARD = 10000
@@ -102,6 +103,7 @@ class Redactor:
     """Blanks secrets: the task's token and API key, and anything shaped like one."""
 
     MASK = "[REDACTED]"
+    MARGIN = 256  # longer than any secret: a secret cut by a slice lies within it
     PATTERNS = (
         re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{16,}|github_pat_[A-Za-z0-9_]{20,})"),
         re.compile(r"\bsk-ant-[A-Za-z0-9_\-]{8,}"),
@@ -126,6 +128,18 @@ class Redactor:
         for pattern in self.PATTERNS:
             text = pattern.sub(self.MASK, text)
         return text
+
+    def head(self, text: str, limit: int) -> str:
+        """The first `limit` characters of `text`, redacted.
+
+        Only the head is searched (a tool's output can be megabytes, and the
+        regexes hold the GIL while the agent's pipe fills). A secret that the
+        slice cuts no longer matches, so a margin more is redacted and dropped.
+        """
+        if len(text) <= limit + self.MARGIN:
+            return _cut(self(text), limit)
+        kept = self(text[: limit + self.MARGIN])
+        return _cut(kept[: max(len(kept) - self.MARGIN, 0)], limit)
 
     def deep(self, value: Any) -> Any:
         if isinstance(value, str):
@@ -623,15 +637,16 @@ class GitHub:
 # ---------------------------------------------------------------------------
 
 
-def _condense(value: Any, depth: int = 0) -> Any:
+def _condense_with(value: Any, redact: Redactor, depth: int = 0) -> Any:
     if isinstance(value, str):
-        return _cut(value, INPUT_STRING_LIMIT)
+        return redact.head(value, INPUT_STRING_LIMIT)
     if isinstance(value, list):
-        return [_condense(v, depth + 1) for v in value[:20]] if depth < 3 else "[…]"
+        return [_condense_with(v, redact, depth + 1) for v in value[:20]] if depth < 3 else "[…]"
     if isinstance(value, dict):
         if depth >= 3:
             return "{…}"
-        return {str(k): _condense(v, depth + 1) for k, v in list(value.items())[:30]}
+        items = list(value.items())[:30]
+        return {redact.head(str(k), 100): _condense_with(v, redact, depth + 1) for k, v in items}
     return value
 
 
@@ -642,19 +657,25 @@ def _first_line(text: str) -> str:
     return ""
 
 
-def describe_tool(name: str, args: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """A one-line summary of a tool call and its input, condensed for the UI.
+def describe_tool(
+    name: str, args: dict[str, Any], redact: Redactor | None = None
+) -> tuple[str, dict[str, Any]]:
+    """A one-line summary of a tool call and its input, condensed and redacted for the UI.
 
     Edit and Write give the path and sizes, never file contents.
     """
+    redact = redact or Redactor()
 
     def arg(key: str) -> str:
         value = args.get(key)
-        return value if isinstance(value, str) else ""
+        return redact.head(value, SUMMARY_LIMIT) if isinstance(value, str) else ""
+
+    def condensed() -> dict[str, Any]:
+        return _condense_with(args, redact)
 
     path = arg("file_path") or arg("notebook_path") or arg("path")
     if name == "Read":
-        return f"Reading {path}", _condense(args)
+        return f"Reading {path}", condensed()
     if name in ("Edit", "MultiEdit"):
         edits = args.get("edits") if isinstance(args.get("edits"), list) else [args]
         sizes = [
@@ -667,26 +688,27 @@ def describe_tool(name: str, args: dict[str, Any]) -> tuple[str, dict[str, Any]]
         condensed["new_chars"] = sum(s[1] for s in sizes)
         return f"Editing {path}", condensed
     if name == "Write":
-        content = arg("content")
-        return f"Writing {path}", {"file_path": path, "chars": len(content)}
+        content = args.get("content")
+        chars = len(content) if isinstance(content, str) else 0
+        return f"Writing {path}", {"file_path": path, "chars": chars}
     if name == "NotebookEdit":
         return f"Editing notebook {path}", {"notebook_path": path}
     if name == "Bash":
         command = arg("command")
-        return (_first_line(command) or "Running a command"), _condense(args)
+        return (_first_line(command) or "Running a command"), condensed()
     if name == "Grep":
-        return f"Searching for {arg('pattern')}", _condense(args)
+        return f"Searching for {arg('pattern')}", condensed()
     if name == "Glob":
-        return f"Finding files {arg('pattern')}", _condense(args)
+        return f"Finding files {arg('pattern')}", condensed()
     if name == "WebFetch":
-        return f"Fetching {arg('url')}", _condense(args)
+        return f"Fetching {arg('url')}", condensed()
     if name == "WebSearch":
-        return f"Searching the web for {arg('query')}", _condense(args)
+        return f"Searching the web for {arg('query')}", condensed()
     if name in ("Task", "Agent"):
-        return f"Delegating: {arg('description') or 'a subtask'}", _condense(args)
+        return f"Delegating: {arg('description') or 'a subtask'}", condensed()
     if name in ("TodoWrite", "TaskCreate", "TaskUpdate"):
-        return "Updating the task list", _condense(args)
-    return f"Using {name}", _condense(args)
+        return "Updating the task list", condensed()
+    return f"Using {name}", condensed()
 
 
 def _result_text(content: Any) -> str:
@@ -790,28 +812,25 @@ class StreamParser:
             if not isinstance(text, str) or not text.strip():
                 return []
             self.last_text = text if btype == "text" else self.last_text
-            text = self.redact(text)
-            return [
-                self.event("thinking", _first_line(text), metadata={"text": _cut(text, TEXT_LIMIT)})
-            ]
+            text = self.redact.head(text, TEXT_LIMIT)
+            return [self.event("thinking", _first_line(text), metadata={"text": text})]
         if kind == "assistant" and btype == "tool_use":
             name = str(block.get("name") or "tool")
             self.tools[str(block.get("id"))] = name
-            # Redact before describe_tool cuts strings: a cut token no longer matches.
             args = block.get("input") if isinstance(block.get("input"), dict) else {}
-            args = self.redact.deep(args)
-            summary, condensed = describe_tool(name, args)
+            summary, condensed = describe_tool(name, args, self.redact)
             metadata = {"tool_use_id": str(block.get("id"))}
             return [self.event("tool_call", summary, tool=name, input=condensed, metadata=metadata)]
         if kind == "user" and btype == "text" and isinstance(block.get("text"), str):
             # Stop hook feedback ("Stop hook feedback: ...") and interruptions.
-            text = self.redact(block["text"])
+            text = self.redact.head(block["text"], SUMMARY_LIMIT)
             return [self.event("thinking", _first_line(text), metadata={"role": "user"})]
         if kind == "user" and btype == "tool_result":
             tool_id = str(block.get("tool_use_id"))
-            name = self.tools.get(tool_id, "tool")
+            name = self.tools.pop(tool_id, "tool")  # one result per call: keeps memory flat
             ok = not block.get("is_error")
-            text = self.redact(_result_text(block.get("content")))
+            raw = _result_text(block.get("content"))
+            text = self.redact.head(raw.lstrip(), SUMMARY_LIMIT)
             line = _first_line(text) or ("(no output)" if ok else "(failed, no output)")
             output = {"success": ok, "summary": _cut(text.strip() or line, SUMMARY_LIMIT)}
             summary = f"{name} {'ok' if ok else 'failed'}: {line}"
@@ -821,7 +840,7 @@ class StreamParser:
                     summary,
                     tool=name,
                     output=output,
-                    metadata={"tool_use_id": tool_id, "chars": len(text)},
+                    metadata={"tool_use_id": tool_id, "chars": len(raw)},
                 )  # fmt: skip
             ]
         return []
@@ -860,12 +879,14 @@ class EventSender:
         post: Callable[[list[dict[str, Any]]], int],
         *,
         batch: int = EVENT_BATCH,
+        batch_max: int = EVENT_BATCH_MAX,
         interval: float = EVENT_FLUSH_SECONDS,
         soft: int = EVENT_QUEUE_SOFT,
         hard: int = EVENT_QUEUE_HARD,
         backoff: float = 0.5,
     ) -> None:
         self.post, self.batch, self.interval = post, batch, interval
+        self.batch_max = max(batch, batch_max)
         self.soft, self.hard, self.backoff = soft, hard, backoff
         self.queue: collections.deque[tuple[float, dict[str, Any]]] = collections.deque()
         self.cond = threading.Condition()
@@ -911,10 +932,12 @@ class EventSender:
     def _take(self) -> list[dict[str, Any]] | None:
         with self.cond:
             while True:
+                if self.closing and time.monotonic() > self.deadline:
+                    return None  # close() counts what is left as dropped
                 if self.queue:
                     wait = self.queue[0][0] + self.interval - time.monotonic()
                     if self.closing or len(self.queue) >= self.batch or wait <= 0:
-                        self.in_flight = min(self.batch, len(self.queue))
+                        self.in_flight = min(self.batch_max, len(self.queue))
                         return [self.queue.popleft()[1] for _ in range(self.in_flight)]
                     self.cond.wait(wait)
                 elif self.closing:

@@ -72,6 +72,7 @@ def senders():
 
     def make(recorder: Recorder, **kwargs) -> sr.EventSender:
         kwargs.setdefault("backoff", 0.01)
+        kwargs.setdefault("batch_max", kwargs.get("batch", sr.EVENT_BATCH))
         sender = sr.EventSender(recorder, **kwargs)
         made.append((sender, recorder))
         return sender
@@ -318,3 +319,16 @@ def test_close_gives_up_retrying_at_its_deadline(senders):
     result = sender.close(timeout=0.3)
     assert time.monotonic() - start < 0.3 + 1.5
     assert result == {"events_sent": 0, "events_dropped": 3}
+
+
+def test_a_backlog_goes_in_bigger_requests_up_to_batch_max(senders):
+    rec = Recorder()
+    rec.gate.clear()  # the API is slow: a backlog builds up behind the first request
+    sender = senders(rec, batch=5, batch_max=40, interval=0.01)
+    for seq in range(1, 101):
+        sender.put(event(seq))
+    rec.gate.set()
+    sender.close(timeout=WAIT)
+    assert [e["sequence"] for e in rec.events()] == list(range(1, 101))
+    assert max(len(b) for b in rec.accepted) == 40
+    assert len(rec.accepted) < 100 / 5
