@@ -20,7 +20,11 @@ import os
 import sys
 import time
 
-SAMPLE = "/work/shared/contract/samples/claude-stream-json.jsonl"
+# The contract's real CLI run, in the shared/ folder beside the checkout.
+SAMPLE = os.environ.get("SHEPHERD_SAMPLE") or os.path.join(
+    os.path.dirname(os.path.abspath(__file__)),
+    "..", "..", "shared", "contract", "samples", "claude-stream-json.jsonl",
+)  # fmt: skip
 STAMP = "@@T@@"
 
 
