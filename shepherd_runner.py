@@ -245,7 +245,6 @@ def run(
     cwd: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
     timeout: float = GIT_TIMEOUT,
-    stdin: str | None = None,
 ) -> tuple[int, str, str]:
     """Runs a command to completion: (exit code, stdout, stderr), never raises.
 
@@ -256,8 +255,7 @@ def run(
             cmd,
             cwd=cwd,
             env=env,
-            input=stdin,
-            stdin=None if stdin is not None else subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
             errors="replace",
@@ -287,9 +285,6 @@ class Git:
         if code != 0:
             raise CommandError(cmd, code, out, err, self.redact)
         return out.strip()
-
-    def ok(self, *args: str) -> bool:
-        return run(["git", *args], cwd=self.cwd, env=self.env, timeout=60)[0] == 0
 
 
 def git_env(environ: Mapping[str, str], repo_url: str, token: str) -> dict[str, str]:
