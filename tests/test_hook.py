@@ -7,6 +7,8 @@ import json
 import subprocess
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 import hook
 import shepherd_runner as sr
@@ -188,3 +190,15 @@ def test_hook_subcommand_usage_error_is_exit_1(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 1
     assert b"Traceback" not in proc.stderr
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400) | st.text(max_size=200).map(str.encode))
+def test_arbitrary_stdin_is_exit_1_never_2_never_a_traceback(data):
+    try:
+        payload = json.loads(data)
+    except ValueError:
+        payload = None
+    assume(not isinstance(payload, dict))  # a JSON object is a real (if odd) hook input
+    env = {"SHEPHERD_API_URL": "http://127.0.0.1:9", "SHEPHERD_TASK_ID": "t"}
+    assert hook.main([], environ=env, stdin=io.BytesIO(data), stdout=io.StringIO()) == 1
