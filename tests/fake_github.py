@@ -16,13 +16,14 @@ import re
 import subprocess
 import tempfile
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+from loopback import LoopbackServer
+
 GIT_PATH = re.compile(r"/([^/]+)/([^/]+)\.git(/.*)")
 REPO_API = re.compile(r"/api/v3/repos/([^/]+)/([^/]+)(/pulls)?")
-POLL_INTERVAL = 0.05  # stop() waits up to this long for serve_forever to notice
 FAULT_KINDS = ("git", "pulls_create", "pulls_list", "repo")
 IDENTITY = {
     "GIT_AUTHOR_NAME": "Fake GitHub",
@@ -114,7 +115,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-class FakeGitHub:
+class FakeGitHub(LoopbackServer):
+    handler = _Handler
+
     def __init__(self, root: Path, token: str):
         self.root = Path(root)
         self.token = token
@@ -125,35 +128,12 @@ class FakeGitHub:
         self.api_requests: list[dict] = []
         self._faults = {kind: [] for kind in FAULT_KINDS}
         self._lock = threading.Lock()
-        self._server = None
-        self._thread = None
 
     def start(self) -> FakeGitHub:
         self.root.mkdir(parents=True, exist_ok=True)
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self._server.daemon_threads = True
-        self._server.fake = self
-        self.url = f"http://127.0.0.1:{self._server.server_port}"
+        super().start()
         self.api_url = self.url + "/api/v3"
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, args=(POLL_INTERVAL,), daemon=True
-        )
-        self._thread.start()
         return self
-
-    def stop(self):
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=10)
-        self._server = None
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
 
     # -- test-facing API ------------------------------------------------
 

@@ -47,8 +47,10 @@ import sys
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from loopback import LoopbackServer
 
 DEFAULT_USAGE = {"input_tokens": 10, "output_tokens": 5}
 FINAL_TEXT = "Done."
@@ -67,7 +69,7 @@ def _is_error_step(step: dict) -> bool:
     return "error" in step
 
 
-class FakeModel:
+class FakeModel(LoopbackServer):
     """Scripted Messages API server; see the module docstring."""
 
     def __init__(
@@ -92,8 +94,7 @@ class FakeModel:
         self.log: list[tuple[str, str]] = []  # (method, path) of every HTTP request
         self._cond = threading.Condition()
         self._ids = itertools.count(1)
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self.handler = _Handler
         # play steps, each with the error steps that precede it; plus trailing errors
         self._plays: list[dict] = []
         self._pre_errors: list[list[dict]] = []
@@ -107,34 +108,6 @@ class FakeModel:
                 self._pre_errors.append(pending)
                 pending = []
         self._trailing_errors = pending
-
-    # ------------------------------------------------------------------ lifecycle
-    def start(self) -> FakeModel:
-        handler = type("_Handler", (_Handler,), {"fake": self})
-        self._server = ThreadingHTTPServer((self.host, self.port), handler)
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
-        self.url = f"http://{self.host}:{self.port}"
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="fake-model", daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def __enter__(self) -> FakeModel:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # ------------------------------------------------------------------ helpers for tests
     def wait_for(self, predicate, timeout: float = 30.0) -> bool:
@@ -305,7 +278,10 @@ def sse_events(msg: dict) -> list[tuple[str, dict]]:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    fake: FakeModel  # set on the subclass made by FakeModel.start
+    @property
+    def fake(self) -> FakeModel:
+        return self.server.fake
+
     protocol_version = "HTTP/1.1"
     server_version = "FakeModel/1.0"
 

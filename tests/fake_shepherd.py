@@ -18,8 +18,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import urlsplit
+
+from loopback import LoopbackServer
 
 MAX_BODY = 10 << 20
 TERMINAL = {"completed", "failed"}
@@ -30,7 +32,6 @@ INT64_MAX = 2**63 - 1
 # wants the "T", seconds and an offset, so the shape is checked first.
 RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})")
 TASK_PATH = re.compile(r"/api/v1/tasks/([^/]+)/(data|token|status|events)")
-POLL_INTERVAL = 0.05  # stop() waits up to this long for serve_forever to notice
 METHODS = {"/data": "GET", "/token": "GET", "/status": "POST", "/events": "POST"}
 
 
@@ -159,7 +160,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
 
-class FakeShepherd:
+class FakeShepherd(LoopbackServer):
+    handler = _Handler
+
     def __init__(self):
         self.url = ""
         self.requests: list[tuple[str, str, dict]] = []
@@ -169,34 +172,10 @@ class FakeShepherd:
         self._outages: dict[str, tuple[float, int]] = {}
         self._cond = threading.Condition()
         self._stopping = threading.Event()
-        self._server = None
-        self._thread = None
-
-    def start(self) -> FakeShepherd:
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self._server.daemon_threads = True
-        self._server.fake = self
-        self.url = f"http://127.0.0.1:{self._server.server_port}"
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, args=(POLL_INTERVAL,), daemon=True
-        )
-        self._thread.start()
-        return self
 
     def stop(self):
-        if self._server is None:
-            return
         self._stopping.set()  # wakes handlers held by set_delay
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=10)
-        self._server = None
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
+        super().stop()
 
     # -- test-facing API ------------------------------------------------
 
