@@ -14,6 +14,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime
+import enum
 import http
 import http.server
 import json
@@ -42,6 +43,16 @@ EXIT_OK = 0  # a terminal status was delivered, or there was nothing to do
 EXIT_UNDELIVERED = 1  # the task ended but no terminal status reached the API
 EXIT_USAGE = 2  # invalid configuration; nothing was started
 EXIT_LISTEN = 3  # the assignment address could not be bound
+
+
+class Ending(enum.Enum):
+    """How a run ended; `main` turns it into the exit code."""
+
+    REPORTED = "a terminal status was delivered"
+    NOTHING_TO_DO = "no task came, or it was already terminal"
+    UNREPORTED = "no terminal status reached the API"
+    CANNOT_LISTEN = "the assignment address could not be bound"
+
 
 DEFAULT_ADDR = ":8888"
 MAX_ASSIGNMENT_BYTES = 1 << 20
@@ -1806,7 +1817,7 @@ class TaskRun:
         _stand_down(self.ctx.home)  # the Stop hook must not report after us
         stop_processes(f"SHEPHERD_RUN_ID={self.run_id}".encode())
 
-    def execute(self) -> int:
+    def execute(self) -> Ending:
         task_id = self.assignment.task_id
         info("task flow started", task_id=task_id)
         signalled = self.ctx.stop.subscribe(threading.Event())
@@ -1817,11 +1828,11 @@ class TaskRun:
             outcome = self._flow()
         except TaskGone as exc:
             info("task is already terminal; nothing to do", task_id=task_id, reason=str(exc))
-            return EXIT_OK
+            return Ending.NOTHING_TO_DO
         except (Failure, ApiError) as exc:
             if isinstance(exc, ApiError) and exc.status == 404:
                 error("task unknown to the API; cannot report", task_id=task_id, error=str(exc))
-                return EXIT_UNDELIVERED
+                return Ending.UNREPORTED
             message = exc.message if isinstance(exc, Failure) else str(exc)
             extra = exc.details if isinstance(exc, Failure) else {}
             outcome = Outcome("failed", message, {"error": message, **extra})
@@ -1837,7 +1848,7 @@ class TaskRun:
         if not delivered:
             error("terminal status lost", event=outcome.event, message=outcome.message)
         info("task finished", task_id=task_id, status=outcome.event, delivered=delivered)
-        return EXIT_OK if delivered else EXIT_UNDELIVERED
+        return Ending.REPORTED if delivered else Ending.UNREPORTED
 
     def _flow(self) -> Outcome:
         cfg, ctx, task_id = self.cfg, self.ctx, self.assignment.task_id
@@ -1967,13 +1978,13 @@ def _stand_down(home: str) -> None:
 # ---------------------------------------------------------------------------
 
 
-def serve(cfg: Config, ctx: Context) -> int:
+def serve(cfg: Config, ctx: Context) -> Ending:
     wake = ctx.stop.subscribe(threading.Event())  # set by the assignment or a signal
     try:
         server = AssignmentServer((cfg.host, cfg.port), cfg.allowed_api_urls, wake)
     except OSError as exc:
         error("cannot listen", addr=f"{cfg.host}:{cfg.port}", error=exc.strerror or str(exc))
-        return EXIT_LISTEN
+        return Ending.CANNOT_LISTEN
     host, port = server.server_address[:2]
     info("listening", addr=f"{host}:{port}", pid=os.getpid())
 
@@ -1988,7 +1999,7 @@ def serve(cfg: Config, ctx: Context) -> int:
         server.server_close()
     if server.assignment is None:
         info("stopped before a task was assigned", reason=ctx.stop.reason)
-        return EXIT_OK
+        return Ending.NOTHING_TO_DO
     info("assignment server closed", port=port)
     return TaskRun(cfg, server.assignment, ctx).execute()
 
@@ -2017,7 +2028,12 @@ def main(
     info("shepherd-runner starting", version=__version__, addr=f"{cfg.host}:{cfg.port}")
     ctx = Context(environ=environ, home=home or os.path.expanduser("~"), redact=redact)
     ctx.stop.install()
-    return serve(cfg, ctx)
+    return {
+        Ending.REPORTED: EXIT_OK,
+        Ending.NOTHING_TO_DO: EXIT_OK,
+        Ending.UNREPORTED: EXIT_UNDELIVERED,
+        Ending.CANNOT_LISTEN: EXIT_LISTEN,
+    }[serve(cfg, ctx)]
 
 
 if __name__ == "__main__":

@@ -37,8 +37,8 @@ def run_task(tmp_path, home, api, github, token):
         )  # fmt: skip
         log = io.StringIO()
         sr.setup_logging(log, ctx.redact)
-        code = sr.TaskRun(cfg, sr.Assignment(TASK, api.url), ctx).execute()
-        return code, log.getvalue(), api.terminal(TASK)
+        ending = sr.TaskRun(cfg, sr.Assignment(TASK, api.url), ctx).execute()
+        return ending, log.getvalue(), api.terminal(TASK)
 
     return run
 
@@ -49,8 +49,8 @@ def only_terminal(api):
 
 def test_data_answering_500_until_the_retries_run_out_fails(run_task, api, github):
     api.fail_next(TASK, "/data", [500] * 3)
-    code, log, terminal = run_task()
-    assert code == 0
+    ending, log, terminal = run_task()
+    assert ending is sr.Ending.REPORTED
     assert (
         terminal["message"]
         == "fetching the task data failed: HTTP 500: injected fault: fail_next(/data)"
@@ -61,19 +61,19 @@ def test_data_answering_500_until_the_retries_run_out_fails(run_task, api, githu
 
 def test_git_server_failing_the_clone_fails_with_its_status(run_task, api, github):
     github.fail_next("git", [500] * 10)
-    code, log, terminal = run_task()
+    ending, log, terminal = run_task()
     assert terminal["event"] == "failed"
     assert terminal["message"].startswith("cloning http://") and "500" in terminal["message"]
 
 
 def test_agent_killed_mid_line_fails_naming_the_signal(run_task, api):
-    code, log, terminal = run_task("killed")
+    ending, log, terminal = run_task("killed")
     assert terminal["message"] == "the agent was killed by SIGKILL"
     assert any(e["type"] == "error" for e in api.events(TASK))  # the partial line
 
 
 def test_garbage_and_a_20mb_line_do_not_break_the_run(run_task, api):
-    code, log, terminal = run_task("noisy")
+    ending, log, terminal = run_task("noisy")
     assert terminal["event"] == "completed", terminal
     errors = [e["summary"] for e in api.events(TASK) if e["type"] == "error"]
     assert any(s.startswith("unreadable agent output line") for s in errors)
@@ -83,7 +83,7 @@ def test_garbage_and_a_20mb_line_do_not_break_the_run(run_task, api):
 def test_home_not_writable_fails(run_task, api, tmp_path):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where HOME's parent should be\n")
-    code, log, terminal = run_task(home_dir=blocker / "home")
+    ending, log, terminal = run_task(home_dir=blocker / "home")
     assert terminal["event"] == "failed"
     assert terminal["message"].startswith("HOME is not writable")
 
@@ -93,7 +93,7 @@ def test_home_not_writable_fails(run_task, api, tmp_path):
 )
 def test_refs_that_could_inject_git_options_are_refused_before_git_runs(run_task, api, github, ref):
     api.add_task(TASK, repo_url=github.url + "/acme/widgets.git", ref=ref, token=github.token)
-    code, log, terminal = run_task()
+    ending, log, terminal = run_task()
     assert terminal["event"] == "failed"
     assert "is not an acceptable branch or tag name" in terminal["message"]
     assert github.git_requests == []
@@ -102,7 +102,7 @@ def test_refs_that_could_inject_git_options_are_refused_before_git_runs(run_task
 def test_events_endpoint_failing_does_not_delay_the_terminal_status(run_task, api):
     api.fail_next(TASK, "/events", [500] * 1000)
     start = time.monotonic()
-    code, log, terminal = run_task("commit")
+    ending, log, terminal = run_task("commit")
     assert terminal["event"] == "completed"
     runner_report = api.statuses(TASK)[-1]
     assert runner_report["details"]["events_sent"] == 0
@@ -114,9 +114,9 @@ def test_status_outage_of_60s_around_the_terminal_report_is_survived(run_task, a
     # The production retry policy, against a real 60 s outage of /status.
     api.fail_for("/status", 60)
     start = time.monotonic()
-    code, log, terminal = run_task("crash", retry=sr.api_retry())
+    ending, log, terminal = run_task("crash", retry=sr.api_retry())
     took = time.monotonic() - start
-    assert code == 0, log
+    assert ending is sr.Ending.REPORTED, log
     assert terminal["event"] == "failed" and "code 3" in terminal["message"]
     assert took >= 60
     print(f"terminal status delivered {took:.1f} s after the outage began")
