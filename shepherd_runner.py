@@ -1022,6 +1022,9 @@ def stop_processes(marker: bytes, grace: float = KILL_GRACE) -> int:
     seen: set[int] = set()
     deadline = time.monotonic() + grace
     while live := marked_processes(marker):
+        if time.monotonic() > deadline + grace:  # stuck in the kernel (D state)
+            warn("processes survive SIGKILL", pids=live)
+            break
         late = time.monotonic() > deadline
         for pid in live:
             if pid not in seen or late:
