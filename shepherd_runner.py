@@ -2007,6 +2007,22 @@ def serve(cfg: Config, ctx: Context) -> Ending:
     return TaskRun(cfg, server.assignment, ctx).execute()
 
 
+MODEL_CREDENTIALS = (
+    "ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN",
+    "CLAUDE_CODE_USE_BEDROCK", "CLAUDE_CODE_USE_VERTEX",
+)  # fmt: skip
+
+
+def _preflight(cfg: Config, environ: Mapping[str, str]) -> None:
+    """Says at start, in the pod's log, what will make every task fail."""
+    if shutil.which(cfg.claude_bin, path=environ.get("PATH")) is None:
+        warn("agent CLI not found; tasks will fail", claude_bin=cfg.claude_bin)
+    if not any(environ.get(name) for name in MODEL_CREDENTIALS):
+        warn("no model credentials (ANTHROPIC_API_KEY); the agent will not log in")
+    if not os.access(cfg.work_dir, os.W_OK):
+        warn("work dir missing or not writable; tasks will fail", work_dir=cfg.work_dir)
+
+
 def main(
     argv: list[str] | None = None,
     *,
@@ -2029,6 +2045,7 @@ def main(
         print(f"shepherd-runner: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     info("shepherd-runner starting", version=__version__, addr=f"{cfg.host}:{cfg.port}")
+    _preflight(cfg, environ)
     ctx = Context(environ=environ, home=home or os.path.expanduser("~"), redact=redact)
     ctx.stop.install()
     return {

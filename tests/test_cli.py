@@ -362,3 +362,18 @@ def test_hook_with_an_unknown_argument_exits_1_not_2(tmp_path, home):
     proc = run_cli(["hook", "--bogus"], base_env(home, **HOOK_ENV), tmp_path,
                    stdin=json.dumps(HOOK_INPUT).encode())  # fmt: skip
     assert_refused(proc, "no arguments")
+
+
+def test_startup_warns_of_what_would_fail_every_task(serve, tmp_path):
+    runner = serve(SHEPHERD_CLAUDE_BIN="no-such-claude", SHEPHERD_WORK_DIR=str(tmp_path / "gone"))
+    runner.wait_for(r" INFO listening ")
+    warnings = [line for line in runner.seen if " WARNING " in line]
+    assert any("agent CLI not found" in w and "claude_bin=no-such-claude" in w for w in warnings)
+    assert any("no model credentials" in w for w in warnings)
+    assert any("work dir missing or not writable" in w for w in warnings)
+
+
+def test_startup_is_quiet_when_all_is_in_place(serve, tmp_path):
+    runner = serve(SHEPHERD_CLAUDE_BIN=sys.executable, ANTHROPIC_API_KEY="sk-ant-x")
+    runner.wait_for(r" INFO listening ")
+    assert not [line for line in runner.seen if " WARNING " in line], runner.seen
