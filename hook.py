@@ -108,13 +108,13 @@ def _hook(
         # unknown...), the CLI's own words are the last assistant message.
         kind = str(payload.get("error") or "unknown")
         words = str(payload.get("last_assistant_message") or "").strip()
-        message = sr._cut(f"the agent stopped on a model API error ({kind}): {words}", 600)
+        message = sr.clip(f"the agent stopped on a model API error ({kind}): {words}", 600)
         api.report_status("failed", message, {"error": message, "reported_by": "stop-hook"})
         return EXIT_OK
 
     git = sr.Git(state.repo_dir, environ, redact)
     outcome = sr.conclude(
-        state, git, sr._github(state, environ.get("GH_TOKEN", "")),
+        state, git, sr.github_for(state, environ.get("GH_TOKEN", "")),
         last_message=str(payload.get("last_assistant_message") or ""), may_block=not again,
     )  # fmt: skip
     if outcome.event == "block":

@@ -148,9 +148,9 @@ class Redactor:
         slice cuts no longer matches, so a margin more is redacted and dropped.
         """
         if len(text) <= limit + self.MARGIN:
-            return _cut(self(text), limit)
+            return clip(self(text), limit)
         kept = self(text[: limit + self.MARGIN])
-        return _cut(kept[: max(len(kept) - self.MARGIN, 0)], limit)
+        return clip(kept[: max(len(kept) - self.MARGIN, 0)], limit)
 
     def deep(self, value: Any) -> Any:
         if isinstance(value, str):
@@ -228,7 +228,7 @@ def _now_rfc3339() -> str:
     return now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _cut(text: str, limit: int) -> str:
+def clip(text: str, limit: int) -> str:
     """At most `limit` characters (str slicing never splits a character)."""
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
@@ -247,7 +247,7 @@ class CommandError(Exception):
         self.out = redact(out)
         self.err = redact(err)
         detail = self.err.strip() or self.out.strip() or "no output"
-        super().__init__(f"{' '.join(self.cmd[:3])} exited with {code}: {_cut(detail, 800)}")
+        super().__init__(f"{' '.join(self.cmd[:3])} exited with {code}: {clip(detail, 800)}")
 
 
 def run(
@@ -492,7 +492,7 @@ def _http_error(resp: requests.Response) -> str:
     for key in ("error", "message", "details"):
         if isinstance(body.get(key), str) and body[key]:
             detail += f": {body[key]}"
-    return f"HTTP {resp.status_code}{_cut(detail, 300)}"
+    return f"HTTP {resp.status_code}{clip(detail, 300)}"
 
 
 def _json_object(resp: requests.Response, *, strict: bool = True) -> dict[str, Any]:
@@ -620,7 +620,7 @@ class GitHub:
             404: "GitHub cannot see the repository (or the token cannot):",
             422: "GitHub refused to create the pull request on",
         }.get(resp.status_code, f"GitHub {method} {path} failed on")
-        return _cut(
+        return clip(
             f"{hint} {what} (HTTP {resp.status_code}{': ' + message if message else ''})", 500
         )
 
@@ -763,7 +763,7 @@ class StreamParser:
     def event(self, kind: str, summary: str, **fields: Any) -> dict[str, Any]:
         self.sequence += 1
         # Redact before cutting: a cut token would no longer match its mask.
-        summary = _cut(self.redact(summary).strip(), SUMMARY_LIMIT) or f"({kind})"
+        summary = clip(self.redact(summary).strip(), SUMMARY_LIMIT) or f"({kind})"
         event = {"sequence": self.sequence, "timestamp": self.clock(), "type": kind}
         event["summary"] = summary
         event.update({k: self.redact.deep(v) for k, v in fields.items() if v is not None})
@@ -838,7 +838,7 @@ class StreamParser:
             raw = _result_text(block.get("content"))
             text = self.redact.head(raw.lstrip(), SUMMARY_LIMIT)
             line = _first_line(text) or ("(no output)" if ok else "(failed, no output)")
-            output = {"success": ok, "summary": _cut(text.strip() or line, SUMMARY_LIMIT)}
+            output = {"success": ok, "summary": clip(text.strip() or line, SUMMARY_LIMIT)}
             summary = f"{name} {'ok' if ok else 'failed'}: {line}"
             return [
                 self.event(
@@ -1153,7 +1153,7 @@ def run_agent(
     def drain_stderr() -> None:
         for raw in _read_lines(proc.stderr, 64 << 10):
             if raw is not None:
-                tail.append(_cut(raw.decode("utf-8", "replace").rstrip(), 500))
+                tail.append(clip(raw.decode("utf-8", "replace").rstrip(), 500))
 
     def wait_exit() -> None:
         proc.wait()
@@ -1216,17 +1216,17 @@ def agent_failure(run: AgentRun, cfg: Config) -> str:
     if run.stopped:
         return run.stopped
     metrics = run.metrics
-    stderr = _cut(_last_lines(run.stderr, 5), 600)
+    stderr = clip(_last_lines(run.stderr, 5), 600)
     if metrics is not None and metrics.subtype.startswith("error"):
         if metrics.subtype == "error_max_turns":
             return f"the agent reached its turn limit ({cfg.max_turns} turns, SHEPHERD_MAX_TURNS)"
         if metrics.subtype == "error_max_budget_usd":
             budget = f"${cfg.max_budget_usd:.2f}"
             return f"the agent reached its budget ({budget}, SHEPHERD_MAX_BUDGET_USD)"
-        text = _cut(metrics.result or stderr, 600)
+        text = clip(metrics.result or stderr, 600)
         return f"the agent stopped with {metrics.subtype}" + (f": {text}" if text else "")
     if metrics is not None and metrics.is_error:
-        text = _cut(metrics.result or stderr, 600)
+        text = clip(metrics.result or stderr, 600)
         return "the agent failed" + (f": {text}" if text else "")
     if run.exit_code is not None and run.exit_code < 0:
         name = signal.Signals(-run.exit_code).name
@@ -1282,7 +1282,7 @@ class Outcome:
 
 
 def pr_title(description: str) -> str:
-    return _cut(_first_line(description) or "Shepherd task", 72)
+    return clip(_first_line(description) or "Shepherd task", 72)
 
 
 def pr_body(state: TaskState, summary: str) -> str:
@@ -1344,7 +1344,7 @@ def conclude(
         git("push", "origin", f"refs/heads/{state.branch}:refs/heads/{state.branch}", timeout=120)
     except CommandError as exc:
         message = f"pushing {state.branch} failed: {exc.err.strip() or exc}"
-        return Outcome("failed", _cut(message, 800), details | {"error": _cut(message, 800)})
+        return Outcome("failed", clip(message, 800), details | {"error": clip(message, 800)})
     try:
         pull = github.create_pull(
             title=pr_title(state.description),
@@ -1673,11 +1673,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         # An unparseable request line leaves command and path unset.
-        path = _cut(str(getattr(self, "path", "")), 200)
+        path = clip(str(getattr(self, "path", "")), 200)
         info("http request", method=getattr(self, "command", ""), path=path, status=code)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's name
-        warn("http server", message=_cut(format % args, 300), client=self.client_address[0])
+        warn("http server", message=clip(format % args, 300), client=self.client_address[0])
 
 
 # ---------------------------------------------------------------------------
@@ -1762,7 +1762,7 @@ def clone(repo: RepoURL, ref: str, dest: str, git: Git, clone_filter: str) -> No
         git(*args, "--", repo.url, dest, cwd=os.path.dirname(dest), timeout=GIT_TIMEOUT)
     except CommandError as exc:
         raise Failure(
-            f"cloning {repo.url} failed: {_cut(exc.err.strip() or str(exc), 600)}"
+            f"cloning {repo.url} failed: {clip(exc.err.strip() or str(exc), 600)}"
         ) from None
 
 
@@ -1793,7 +1793,7 @@ def state_dir(home: str) -> str:
     return os.path.join(home, ".shepherd")
 
 
-def _github(state: TaskState, token: str) -> GitHub:
+def github_for(state: TaskState, token: str) -> GitHub:
     return GitHub(parse_repo_url(state.repo_url), token, api_url=state.github_api_url or None)
 
 
@@ -1941,7 +1941,7 @@ class TaskRun:
             return Outcome("failed", reason, {"error": reason})
         with step("conclude"):
             return conclude(
-                state, git, _github(state, token), last_message=agent.last_text, may_block=False
+                state, git, github_for(state, token), last_message=agent.last_text, may_block=False
             )
 
 
