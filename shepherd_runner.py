@@ -1938,11 +1938,40 @@ class TaskRun:
             self.details.update(agent.metrics.details())
         reason = agent_failure(agent, cfg)
         if reason:
-            return Outcome("failed", reason, {"error": reason})
+            return self._partial(reason, agent, state, git, token)
         with step("conclude"):
             return conclude(
                 state, git, github_for(state, token), last_message=agent.last_text, may_block=False
             )
+
+    def _partial(
+        self, reason: str, agent: AgentRun, state: TaskState, git: Git, token: str
+    ) -> Outcome:
+        """`failed`, with the commits the agent made kept in a draft pull request.
+
+        Not after a signal: the pod's grace period is for reporting.
+        """
+        failed = Outcome("failed", reason, {"error": reason})
+        if agent.missing or self.ctx.stop.signum is not None:
+            return failed
+        try:
+            ahead = int(git("rev-list", "--count", f"{state.base_sha}..refs/heads/{state.branch}"))
+        except (CommandError, ValueError):
+            return failed
+        if not ahead:
+            return failed
+        with step("keep partial work", commits=ahead):
+            draft = dataclasses.replace(state, pr_draft=True)
+            summary = f"Unfinished: {reason}.\n\n{agent.last_text}"
+            kept = conclude(
+                draft, git, github_for(state, token), last_message=summary, may_block=False
+            )
+        if kept.event != "completed":
+            warn("partial work not kept", error=kept.message)
+            return failed
+        url = kept.details["pr_url"]
+        message = f"{reason}; its unfinished work is in pull request {url}"
+        return Outcome("failed", message, {**kept.details, "error": reason})
 
 
 def scrub_files(roots: Iterable[str], redact: Redactor, secret: str) -> int:

@@ -132,12 +132,18 @@ def test_agent_crash_fails_with_exit_code_and_stderr(world, api):
     assert terminal["details"]["reported_by"] == "shepherd-runner"
 
 
-def test_turn_limit_fails_naming_it(world, api):
+def test_turn_limit_fails_naming_it_and_keeps_the_commits_in_a_draft_pr(world, api, github):
     terminal = world.run("max-turns")
     assert terminal["event"] == "failed"
-    assert "turn limit (50 turns" in terminal["message"]
+    assert terminal["message"].startswith(
+        "the agent reached its turn limit (50 turns, SHEPHERD_MAX_TURNS); "
+        "its unfinished work is in pull request "
+    )
     assert terminal["details"]["num_turns"] == 3
     assert terminal["details"]["cost_usd"] == pytest.approx(0.0123)
+    [pull] = github.pulls
+    assert pull["draft"] is True and terminal["details"]["pr_url"] == pull["html_url"]
+    assert pull["body"].startswith("Unfinished: the agent reached its turn limit")
 
 
 def test_missing_agent_binary_fails_clearly(world, api, tmp_path):
@@ -271,7 +277,7 @@ def _sleepers(marker_env_value):
     return found
 
 
-def test_sigterm_stops_every_agent_process_and_the_runners_failure_lands_first(world, api):
+def test_sigterm_stops_every_agent_process_and_the_runners_failure_lands_first(world, api, github):
     runner = world.start("hang")
     runner.assign(TASK, api.url)
     runner.wait_for(r"Working on it|agent started")
@@ -291,10 +297,14 @@ def test_sigterm_stops_every_agent_process_and_the_runners_failure_lands_first(w
         s for s in api.statuses(TASK) if s.get("details", {}).get("reported_by") == "stop-hook"
     ] == []
     assert _sleepers(f"STAND_IN_RECORD={world.record}") == []
+    assert github.pulls == []  # the grace period is for reporting, not for pushing
 
 
-def test_deadline_stops_the_agent_and_fails_with_timed_out(world, api):
+def test_deadline_stops_the_agent_and_fails_with_timed_out(world, api, github):
     terminal = world.run("hang", SHEPHERD_TASK_TIMEOUT="2s")
     assert terminal["event"] == "failed"
-    assert terminal["message"] == "timed out after 2s (SHEPHERD_TASK_TIMEOUT)"
+    assert terminal["message"].startswith("timed out after 2s (SHEPHERD_TASK_TIMEOUT); ")
+    assert terminal["details"]["reported_by"] == "shepherd-runner"
+    # The agent had committed before it hung: that work is kept, as a draft.
+    assert [p["draft"] for p in github.pulls] == [True]
     assert _sleepers(f"STAND_IN_RECORD={world.record}") == []
