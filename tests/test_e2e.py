@@ -148,6 +148,16 @@ def test_turn_limit_fails_naming_it(e2e, api):
     assert e2e.code == 0
 
 
+def test_turn_limit_after_a_commit_keeps_the_work_in_a_draft_pr(e2e, api, github):
+    script = [*CHANGE, COMMIT, *[bash(f"echo step {i}") for i in range(5)]]
+    terminal = e2e.finish(script, SHEPHERD_MAX_TURNS="4")
+    assert terminal["event"] == "failed"
+    assert terminal["message"].startswith("the agent reached its turn limit (4 turns")
+    [pull] = github.pulls
+    assert pull["draft"] is True and terminal["details"]["pr_url"] == pull["html_url"]
+    assert github.log("acme", "widgets", BRANCH)[0] == "Update greeting"
+
+
 def test_model_api_error_fails_with_the_clis_error_without_hanging(e2e, api):
     start = time.monotonic()
     terminal = e2e.finish([{"error": 500, "message": "the model is down"}])
