@@ -1811,6 +1811,15 @@ class TaskRun:
         # it starts) so that a signal can stop them wherever they are.
         self.run_id = secrets.token_hex(8)
 
+    def _reporter(self) -> ShepherdAPI:
+        """After a signal the pod is SIGKILLed 30 s later: retry within ~15 s, then say so."""
+        if self.ctx.stop.signum is None:
+            return self.api
+        return ShepherdAPI(
+            self.assignment.api_url, self.assignment.task_id, retry=api_retry(total=4),
+            timeout=(2, 5), redact=self.ctx.redact,
+        )  # fmt: skip
+
     def _check_stop(self) -> None:
         if self.ctx.stop.signum is not None:
             raise Failure(self.ctx.stop.reason)
@@ -1847,7 +1856,7 @@ class TaskRun:
             # Whatever broke was broken by the signal: say that, not the symptom.
             outcome = Outcome("failed", self.ctx.stop.reason, {"error": self.ctx.stop.reason})
         details = {**self.details, **outcome.details, "reported_by": "shepherd-runner"}
-        delivered = self.api.report_status(outcome.event, outcome.message, details)
+        delivered = self._reporter().report_status(outcome.event, outcome.message, details)
         if not delivered:
             error("terminal status lost", event=outcome.event, message=outcome.message)
         info("task finished", task_id=task_id, status=outcome.event, delivered=delivered)

@@ -300,6 +300,19 @@ def test_sigterm_stops_every_agent_process_and_the_runners_failure_lands_first(w
     assert github.pulls == []  # the grace period is for reporting, not for pushing
 
 
+def test_sigterm_with_the_api_down_exits_1_naming_the_lost_status_before_sigkill(world, api):
+    runner = world.start("hang")
+    runner.assign(TASK, api.url)
+    api.wait_event(TASK, lambda e: e["summary"] == "Working on it.", timeout=30)
+    api.fail_for("/status", 600)
+    start = time.monotonic()
+    runner.proc.send_signal(signal.SIGTERM)
+    assert runner.wait(timeout=30) == 1
+    assert time.monotonic() - start < 25  # the pod's SIGKILL comes at 30 s
+    assert "ERROR terminal status lost event=failed" in runner.output
+    assert api.terminal(TASK) is None
+
+
 def test_deadline_stops_the_agent_and_fails_with_timed_out(world, api, github):
     terminal = world.run("hang", SHEPHERD_TASK_TIMEOUT="2s")
     assert terminal["event"] == "failed"
