@@ -308,22 +308,25 @@ class FakeShepherd(LoopbackServer):
             return None
         return h.reply(code, payload)
 
+    def _live_task(self, task_id):
+        """(task, None), or (None, the 404/410 answer); the caller holds _cond."""
+        task = self._tasks.get(task_id)
+        if task is None:
+            return None, _error(404, "task not found")
+        if task.terminal is not None:
+            return None, _error(410, "task is terminal")
+        return task, None
+
     def _data(self, task_id, _body):
         with self._cond:
-            task = self._tasks.get(task_id)
-            if task is None:
-                return _error(404, "task not found")
-            if task.terminal is not None:
-                return _error(410, "task is terminal")
-            return 200, task.data
+            task, refusal = self._live_task(task_id)
+            return refusal or (200, task.data)
 
     def _token(self, task_id, _body):
         with self._cond:
-            task = self._tasks.get(task_id)
-            if task is None:
-                return _error(404, "task not found")
-            if task.terminal is not None:
-                return _error(410, "task is terminal")
+            task, refusal = self._live_task(task_id)
+            if refusal:
+                return refusal
             if task.token_issued:
                 return _error(409, "token already issued")
             task.token_issued = True  # burnt before answering, like upstream
@@ -366,11 +369,9 @@ class FakeShepherd(LoopbackServer):
 
     def _events(self, task_id, body):
         with self._cond:
-            task = self._tasks.get(task_id)
-            if task is None:
-                return _error(404, "task not found")
-            if task.terminal is not None:
-                return _error(410, "task is terminal")
+            task, refusal = self._live_task(task_id)
+            if refusal:
+                return refusal
         if body is None:
             return _error(413, "request body too large", f"limit is {MAX_BODY} bytes")
         req, err = _parse_json(body)
