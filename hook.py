@@ -90,11 +90,11 @@ def _hook(
     sr.info("stop hook", task_id=task_id, hook_event=event, stop_hook_active=again)
 
     state_dir = environ.get("SHEPHERD_STATE_DIR") or sr.state_dir(environ.get("HOME", "~"))
-    if os.path.exists(os.path.join(state_dir, "stop")):
+    if os.path.exists(os.path.join(state_dir, sr.STOP_FILE)):
         sr.info("stop hook standing down: the runner has decided the outcome")
         return EXIT_OK
     try:
-        state = sr.TaskState.load(os.path.join(state_dir, "task.json"))
+        state = sr.TaskState.load(os.path.join(state_dir, sr.STATE_FILE))
     except (OSError, ValueError, TypeError) as exc:
         sr.error("stop hook has no task state; the runner will report", error=str(exc))
         return EXIT_OK

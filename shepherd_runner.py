@@ -761,12 +761,12 @@ class StreamParser:
         self.last_text = ""
 
     def event(self, kind: str, summary: str, **fields: Any) -> dict[str, Any]:
+        """An event; the summary is redacted here, `fields` come redacted already."""
         self.sequence += 1
-        # Redact before cutting: a cut token would no longer match its mask.
-        summary = clip(self.redact(summary).strip(), SUMMARY_LIMIT) or f"({kind})"
+        summary = self.redact.head(summary.strip(), SUMMARY_LIMIT) or f"({kind})"
         event = {"sequence": self.sequence, "timestamp": self.clock(), "type": kind}
         event["summary"] = summary
-        event.update({k: self.redact.deep(v) for k, v in fields.items() if v is not None})
+        event.update({k: v for k, v in fields.items() if v is not None})
         return event
 
     def feed(self, line: bytes | str) -> list[dict[str, Any]]:
@@ -789,11 +789,10 @@ class StreamParser:
     def _message(self, message: dict[str, Any]) -> list[dict[str, Any]]:
         kind = message.get("type")
         if kind == "result":
-            self._result(message)
-            if message.get("is_error") or str(message.get("subtype", "")).startswith("error"):
-                why = message.get("subtype") or "error"
-                text = _result_text(message.get("result")) or ""
-                return [self.event("error", f"agent stopped: {why} {text}".strip())]
+            metrics = self.metrics = self._result(message)
+            if metrics.is_error or metrics.subtype.startswith("error"):
+                why = metrics.subtype or "error"
+                return [self.event("error", f"agent stopped: {why} {metrics.result}")]
             return []
         if kind == "system" and message.get("subtype") == "api_retry":
             attempt = f"{message.get('attempt')}/{message.get('max_retries')}"
@@ -821,11 +820,12 @@ class StreamParser:
             text = self.redact.head(text, TEXT_LIMIT)
             return [self.event("thinking", _first_line(text), metadata={"text": text})]
         if kind == "assistant" and btype == "tool_use":
-            name = str(block.get("name") or "tool")
-            self.tools[str(block.get("id"))] = name
+            name = self.redact.head(str(block.get("name") or "tool"), 100)
+            tool_id = str(block.get("id"))
+            self.tools[tool_id] = name
             args = block.get("input") if isinstance(block.get("input"), dict) else {}
             summary, condensed = describe_tool(name, args, self.redact)
-            metadata = {"tool_use_id": str(block.get("id"))}
+            metadata = {"tool_use_id": self.redact.head(tool_id, 100)}
             return [self.event("tool_call", summary, tool=name, input=condensed, metadata=metadata)]
         if kind == "user" and btype == "text" and isinstance(block.get("text"), str):
             # Stop hook feedback ("Stop hook feedback: ...") and interruptions.
@@ -846,12 +846,12 @@ class StreamParser:
                     summary,
                     tool=name,
                     output=output,
-                    metadata={"tool_use_id": tool_id, "chars": len(raw)},
+                    metadata={"tool_use_id": self.redact.head(tool_id, 100), "chars": len(raw)},
                 )  # fmt: skip
             ]
         return []
 
-    def _result(self, message: dict[str, Any]) -> None:
+    def _result(self, message: dict[str, Any]) -> AgentMetrics:
         def number(key: str, kind: type) -> Any:
             value = message.get(key)
             if not isinstance(value, int | float) or isinstance(value, bool):
@@ -861,7 +861,7 @@ class StreamParser:
             except (OverflowError, ValueError):  # 1e999, or a 400-digit integer
                 return None
 
-        self.metrics = AgentMetrics(
+        return AgentMetrics(
             subtype=str(message.get("subtype") or ""),
             is_error=bool(message.get("is_error")),
             num_turns=number("num_turns", int),
@@ -1281,6 +1281,12 @@ class Outcome:
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+def commits_ahead(git: Git, state: TaskState, ref: str = "") -> int:
+    """Commits on `ref` (the task's branch by default) that the base does not have."""
+    ref = ref or f"refs/heads/{state.branch}"
+    return int(git("rev-list", "--count", f"{state.base_sha}..{ref}") or 0)
+
+
 def pr_title(description: str) -> str:
     return clip(_first_line(description) or "Shepherd task", 72)
 
@@ -1326,11 +1332,10 @@ def conclude(
         url = pull.get("html_url", "")
         return Outcome("completed", f"pull request {url}", details | {"pr_url": url})
 
-    ahead = int(git("rev-list", "--count", f"{state.base_sha}..refs/heads/{state.branch}") or 0)
+    ahead = commits_ahead(git, state)
     if ahead == 0:
         head = git("rev-parse", "--abbrev-ref", "HEAD")
-        elsewhere = int(git("rev-list", "--count", f"{state.base_sha}..HEAD") or 0)
-        if head != state.branch and elsewhere:
+        if head != state.branch and commits_ahead(git, state, "HEAD"):
             message = (
                 f"the agent committed on branch {head}, not {state.branch}; "
                 "no pull request was opened"
@@ -1789,6 +1794,10 @@ def agent_env(ctx: Context, state: TaskState, gitenv: Mapping[str, str], api: st
     return env
 
 
+STATE_FILE = "task.json"  # TaskState, in the state dir
+STOP_FILE = "stop"  # present once the runner has decided: the hook stands down
+
+
 def state_dir(home: str) -> str:
     return os.path.join(home, ".shepherd")
 
@@ -1845,9 +1854,8 @@ class TaskRun:
             if isinstance(exc, ApiError) and exc.status == 404:
                 error("task unknown to the API; cannot report", task_id=task_id, error=str(exc))
                 return Ending.UNREPORTED
-            message = exc.message if isinstance(exc, Failure) else str(exc)
-            extra = exc.details if isinstance(exc, Failure) else {}
-            outcome = Outcome("failed", message, {"error": message, **extra})
+            extra = getattr(exc, "details", {})
+            outcome = Outcome("failed", str(exc), {"error": str(exc), **extra})
         except Exception as exc:  # a bug of ours must still end in a status
             message = f"internal error in shepherd-runner: {type(exc).__name__}: {exc}"
             error("unexpected error", error=message)
@@ -1908,7 +1916,7 @@ class TaskRun:
             source_url=data.get("sourceURL") or "", github_api_url=cfg.github_api_url,
             pr_draft=cfg.pr_draft,
         )  # fmt: skip
-        state.save(os.path.join(state_dir(ctx.home), "task.json"))
+        state.save(os.path.join(state_dir(ctx.home), STATE_FILE))
         self._check_stop()
 
         prompt = PROMPT.format(
@@ -1964,7 +1972,7 @@ class TaskRun:
         if agent.missing or self.ctx.stop.signum is not None:
             return failed
         try:
-            ahead = int(git("rev-list", "--count", f"{state.base_sha}..refs/heads/{state.branch}"))
+            ahead = commits_ahead(git, state)
         except (CommandError, ValueError):
             return failed
         if not ahead:
@@ -2010,7 +2018,7 @@ def scrub_files(roots: Iterable[str], redact: Redactor, secret: str) -> int:
 
 
 def _stand_down(home: str) -> None:
-    with contextlib.suppress(OSError), open(os.path.join(state_dir(home), "stop"), "w") as f:
+    with contextlib.suppress(OSError), open(os.path.join(state_dir(home), STOP_FILE), "w") as f:
         f.write("the runner has decided the outcome\n")
 
 
