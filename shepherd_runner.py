@@ -295,7 +295,7 @@ class Git:
         code, out, err = run(cmd, cwd=cwd or self.cwd, env=self.env, timeout=timeout)
         if code != 0:
             raise CommandError(cmd, code, out, err, self.redact)
-        return out.strip()
+        return out.rstrip("\n")  # leading spaces carry meaning (`status --porcelain`)
 
 
 def git_env(environ: Mapping[str, str], repo_url: str, token: str) -> dict[str, str]:
@@ -1351,11 +1351,11 @@ def conclude(
         message = f"pushing {state.branch} failed: {exc.err.strip() or exc}"
         return Outcome("failed", clip(message, 800), details | {"error": clip(message, 800)})
     try:
-        pull = github.create_pull(
-            title=pr_title(state.description),
+        pull = github.create_pull(  # a PR is public: nothing secret goes into it
+            title=git.redact(pr_title(state.description)),
             head=state.branch,
             base=state.base_ref,
-            body=pr_body(state, last_message),
+            body=git.redact(pr_body(state, last_message)),
             draft=state.pr_draft,
         )
     except GitHubError as exc:

@@ -202,3 +202,22 @@ def test_arbitrary_stdin_is_exit_1_never_2_never_a_traceback(data):
     assume(not isinstance(payload, dict))  # a JSON object is a real (if odd) hook input
     env = {"SHEPHERD_API_URL": "http://127.0.0.1:9", "SHEPHERD_TASK_ID": "t"}
     assert hook.main([], environ=env, stdin=io.BytesIO(data), stdout=io.StringIO()) == 1
+
+
+def test_uncommitted_tracked_file_is_named_exactly(task, api):
+    # `git status --porcelain` starts such a line with a space (" M README.md").
+    commit(task)
+    with open(f"{task.dir}/README.md", "a") as f:
+        f.write("more\n")
+    code, out = call_hook(task.env, stop_payload())
+    assert "(README.md)" in json.loads(out)["reason"]
+    call_hook(task.env, stop_payload(stop_hook_active=True))
+    assert api.terminal(TASK)["details"]["uncommitted"] == ["README.md"]
+
+
+def test_pr_text_never_carries_the_token(task, api, github, token):
+    commit(task)
+    call_hook(task.env, stop_payload(last_assistant_message=f"Done; I used {token} to push."))
+    [pull] = github.pulls
+    assert token not in pull["body"] + pull["title"]
+    assert "Done; I used [REDACTED] to push." in pull["body"]
