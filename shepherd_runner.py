@@ -22,19 +22,26 @@ import logging
 import os
 import re
 import secrets
+import selectors
 import shutil
 import signal
+import socketserver
 import subprocess
 import sys
 import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
 
-import requests
-from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
+# Imported only where used, to start fast: requests (with urllib3) is ~100 ms
+# and several MB that waiting for the assignment does not need (serve()
+# imports it in the background once it listens), typing ~5 ms.
+TYPE_CHECKING = False  # type checkers take it as True
+if TYPE_CHECKING:
+    from typing import Any
+
+    import requests
+    from urllib3.util.retry import Retry
 
 __version__ = "0.1.0"
 
@@ -56,6 +63,7 @@ class Ending(enum.Enum):
 
 DEFAULT_ADDR = ":8888"
 MAX_ASSIGNMENT_BYTES = 1 << 20
+WARM_UP_IDLE = 0.1  # seconds without a request before the task's imports are warmed up
 # A Kubernetes object name (DNS-1123 subdomain): it ends up in URL paths, the
 # branch name and log lines, so nothing else is let through.
 TASK_ID_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
@@ -339,6 +347,8 @@ def api_retry(total: int = 10, backoff: float = 1.0) -> Retry:
     The defaults wait 0, 2, 4, 8, then 15 s at most between tries: about 90 s in
     all, which outlasts an API restart.
     """
+    from urllib3.util.retry import Retry  # noqa: PLC0415 - see the import block
+
     return Retry(
         total=total,
         status_forcelist=RETRY_STATUSES,
@@ -354,6 +364,8 @@ def api_retry(total: int = 10, backoff: float = 1.0) -> Retry:
 def token_retry(total: int = 5, backoff: float = 1.0) -> Retry:
     # The server burns the token before it answers, so only a request that
     # never reached it (refused, DNS, connect timeout) may be sent again.
+    from urllib3.util.retry import Retry  # noqa: PLC0415 - see the import block
+
     return Retry(
         total=total, connect=total, read=0, status=0, other=0, redirect=0,
         backoff_factor=backoff, backoff_max=15, raise_on_status=False,
@@ -380,6 +392,9 @@ class ShepherdAPI:
         timeout: tuple[float, float] = API_TIMEOUT,
         redact: Redactor | None = None,
     ) -> None:
+        import requests  # noqa: PLC0415 - see the import block
+        from requests.adapters import HTTPAdapter  # noqa: PLC0415
+
         self.task_id = task_id
         self.base = f"{api_url.rstrip('/')}/api/v1/tasks/{urllib.parse.quote(task_id, safe='')}"
         self.session = session or requests.Session()
@@ -395,6 +410,8 @@ class ShepherdAPI:
     def _request(
         self, method: str, path: str, body: Any = None, timeout: tuple[float, float] | None = None
     ) -> requests.Response:
+        import requests  # noqa: PLC0415 - see the import block
+
         try:
             return self.session.request(
                 method, self.base + path, json=body, timeout=timeout or self.timeout
@@ -568,6 +585,10 @@ class GitHub:
         timeout: tuple[float, float] = GITHUB_TIMEOUT,
         retries: int = 3,
     ) -> None:
+        import requests  # noqa: PLC0415 - see the import block
+        from requests.adapters import HTTPAdapter  # noqa: PLC0415
+        from urllib3.util.retry import Retry  # noqa: PLC0415
+
         self.repo = repo
         self.api = (api_url or repo.api_url).rstrip("/")
         self.session = session or requests.Session()
@@ -594,6 +615,8 @@ class GitHub:
         self.timeout = timeout
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        import requests  # noqa: PLC0415 - see the import block
+
         url = f"{self.api}/repos/{self.repo.owner}/{self.repo.name}{path}"
         try:
             resp = self.session.request(method, url, timeout=self.timeout, **kwargs)
@@ -1595,6 +1618,12 @@ class AssignmentServer(http.server.ThreadingHTTPServer):
         self.lock = threading.Lock()
         super().__init__(addr, _Handler)
 
+    def server_bind(self) -> None:
+        # HTTPServer's also looks up the host's FQDN (a DNS query, in a pod)
+        # for server_name, which nothing here reads.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     server: AssignmentServer
@@ -2027,6 +2056,51 @@ def _stand_down(home: str) -> None:
 # ---------------------------------------------------------------------------
 
 
+def _warm_up() -> None:
+    """Imports what the task needs at once (~100 ms), while the runner waits for it."""
+    import requests.adapters  # noqa: PLC0415 - see the import block
+    import urllib3.util.retry  # noqa: F401, PLC0415
+
+    # Preparing a request imports what requests imports on first use (netrc).
+    with requests.Session() as session:
+        session.prepare_request(requests.Request("GET", "http://localhost/"))
+
+
+def _serve_until(server: AssignmentServer, wake: threading.Event) -> None:
+    """Handles requests until `wake` is set; returns the moment it is.
+
+    (serve_forever would notice a shutdown() only at its next poll.) At the
+    first lull it starts _warm_up, which would slow the answers to requests
+    that come with it (the GIL): the first readiness probe is answered first.
+    """
+    read_fd, write_fd = os.pipe()
+
+    def poke() -> None:
+        wake.wait()
+        os.write(write_fd, b"\0")
+
+    poker = threading.Thread(target=poke, name="wake", daemon=True)
+    poker.start()
+    try:
+        with selectors.DefaultSelector() as selector:
+            selector.register(server, selectors.EVENT_READ)
+            selector.register(read_fd, selectors.EVENT_READ)
+            warmed = False
+            while not wake.is_set():
+                ready = selector.select(None if warmed else WARM_UP_IDLE)
+                if not ready and not warmed:
+                    threading.Thread(target=_warm_up, name="warm-up", daemon=True).start()
+                    warmed = True
+                for key, _ in ready:
+                    if key.fileobj is server:
+                        server.handle_request()  # a connection is waiting: does not block
+    finally:
+        wake.set()
+        poker.join()  # it has written: the pipe can go
+        os.close(read_fd)
+        os.close(write_fd)
+
+
 def serve(cfg: Config, ctx: Context) -> Ending:
     wake = ctx.stop.subscribe(threading.Event())  # set by the assignment or a signal
     try:
@@ -2036,14 +2110,8 @@ def serve(cfg: Config, ctx: Context) -> Ending:
         return Ending.CANNOT_LISTEN
     host, port = server.server_address[:2]
     info("listening", addr=f"{host}:{port}", pid=os.getpid())
-
-    def shut_down_when_woken() -> None:
-        wake.wait()
-        server.shutdown()
-
-    threading.Thread(target=shut_down_when_woken, daemon=True).start()
     try:
-        server.serve_forever(poll_interval=0.5)
+        _serve_until(server, wake)
     finally:
         server.server_close()
     if server.assignment is None:

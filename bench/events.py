@@ -29,9 +29,11 @@ import tempfile
 import threading
 import time
 
-import shepherd_runner as sr
-
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # the runner of this checkout, not an installed one
+
+import shepherd_runner as sr  # noqa: E402
+
 FAKE_AGENT = os.path.join(HERE, "fake_agent.py")
 TASK = "bench-task"
 STAMP = re.compile(r"@t=(\d+\.\d+)")
@@ -140,6 +142,7 @@ def worker(cfg: dict) -> dict:
     fd, stats = tempfile.mkstemp(prefix="fake-agent-", suffix=".json")
     os.close(fd)
     cmd = [sys.executable, FAKE_AGENT, "--lines", str(cfg["lines"]), "--rate", str(cfg["rate"])]
+    cmd += ["--big-every", str(cfg.get("big_every", 500))]
     env = dict(os.environ, SHEPHERD_RUN_ID=secrets.token_hex(8))
     start = time.perf_counter()
     run = sr.run_agent(
