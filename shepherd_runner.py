@@ -83,13 +83,17 @@ TEXT_LIMIT = 2000  # characters of agent text kept in a thinking event
 INPUT_STRING_LIMIT = 200  # characters of each string in a condensed tool input
 
 # Events: flush a batch at EVENT_BATCH events or EVENT_FLUSH_SECONDS after the
-# oldest queued event; past EVENT_QUEUE_SOFT queued events the low-value kinds
-# are dropped, past EVENT_QUEUE_HARD everything is (and counted).
+# oldest queued event; past EVENT_QUEUE_SOFT queued events (or _BYTES of memory
+# they hold) the low-value kinds are dropped, past EVENT_QUEUE_HARD everything
+# is (and counted). Events are ~1 KB each in memory, a thinking one up to ~3 KB.
 EVENT_BATCH = 50
-EVENT_BATCH_MAX = 500  # a backlog goes in bigger requests (far below the API's 10 MiB)
+EVENT_BATCH_MAX = 500  # a backlog goes in bigger requests ...
+EVENT_BATCH_BYTES = 1 << 20  # ... of at most this much (far below the API's 10 MiB)
 EVENT_FLUSH_SECONDS = 0.25
 EVENT_QUEUE_SOFT = 2000
 EVENT_QUEUE_HARD = 10000
+EVENT_QUEUE_SOFT_BYTES = 1 << 20
+EVENT_QUEUE_HARD_BYTES = 2 << 20
 EVENT_FLUSH_DEADLINE = 10.0  # seconds to drain the queue before the final status
 LOW_VALUE_EVENTS = frozenset({"thinking", "tool_result"})
 
@@ -895,12 +899,31 @@ class StreamParser:
         )
 
 
+def _held_bytes(event: dict[str, Any]) -> int:
+    """About the memory an event holds (its objects' headers and text), cheaply."""
+    size, todo = 0, [event]
+    while todo:
+        value = todo.pop()
+        if isinstance(value, str):
+            size += 50 + len(value)
+        elif isinstance(value, dict):
+            size += 200
+            todo.extend(value.values())  # the keys are short, and mostly shared
+        elif isinstance(value, list):
+            size += 60 + 8 * len(value)
+            todo.extend(value)
+        else:
+            size += 32
+    return size
+
+
 class EventSender:
     """Posts events in order from one background thread, in batches.
 
     `put` never blocks on the network: when the API is slow or down the queue
-    grows to EVENT_QUEUE_SOFT, then drops thinking/tool_result events, then at
-    EVENT_QUEUE_HARD everything; drops are counted and reported.
+    grows to EVENT_QUEUE_SOFT (or _SOFT_BYTES), then drops thinking/tool_result
+    events, then at EVENT_QUEUE_HARD (or _HARD_BYTES) everything; drops are
+    counted and reported.
     """
 
     def __init__(
@@ -909,15 +932,21 @@ class EventSender:
         *,
         batch: int = EVENT_BATCH,
         batch_max: int = EVENT_BATCH_MAX,
+        batch_bytes: int = EVENT_BATCH_BYTES,
         interval: float = EVENT_FLUSH_SECONDS,
         soft: int = EVENT_QUEUE_SOFT,
         hard: int = EVENT_QUEUE_HARD,
+        soft_bytes: int = EVENT_QUEUE_SOFT_BYTES,
+        hard_bytes: int = EVENT_QUEUE_HARD_BYTES,
         backoff: float = 0.5,
     ) -> None:
         self.post, self.batch, self.interval = post, batch, interval
-        self.batch_max = max(batch, batch_max)
+        self.batch_max, self.batch_bytes = max(batch, batch_max), batch_bytes
         self.soft, self.hard, self.backoff = soft, hard, backoff
-        self.queue: collections.deque[tuple[float, dict[str, Any]]] = collections.deque()
+        self.soft_bytes, self.hard_bytes = soft_bytes, hard_bytes
+        # (put time, event, _held_bytes(event)); `held` is their sum.
+        self.queue: collections.deque[tuple[float, dict[str, Any], int]] = collections.deque()
+        self.held = 0
         self.cond = threading.Condition()
         self.sent = self.dropped = self.requests = self.in_flight = 0
         self.closing = False
@@ -928,18 +957,29 @@ class EventSender:
         self.thread.start()
 
     def put(self, event: dict[str, Any]) -> None:
+        size = _held_bytes(event)  # outside the lock: the sender's thread needs it
         with self.cond:
-            size = len(self.queue)
+            count, held = len(self.queue), self.held + size
             if (
                 self.stopped
-                or size >= self.hard
-                or (size >= self.soft and event["type"] in LOW_VALUE_EVENTS)
+                or count >= self.hard
+                or held > self.hard_bytes
+                or (
+                    (count >= self.soft or held > self.soft_bytes)
+                    and event["type"] in LOW_VALUE_EVENTS
+                )
             ):
                 self.dropped += 1
                 return
-            self.queue.append((time.monotonic(), event))
-            if size + 1 >= self.batch or size == 0:
+            self.queue.append((time.monotonic(), event, size))
+            self.held = held
+            if count + 1 >= self.batch or count == 0:
                 self.cond.notify()
+        if count >= self.batch:
+            # A batch is waiting: the sender is behind. A parser that never
+            # waits would keep the GIL from it (it gets it back every 5 ms
+            # only), and the queue would grow; this hands it over.
+            time.sleep(0)
 
     def close(self, timeout: float = EVENT_FLUSH_DEADLINE) -> dict[str, int]:
         """Flushes what is queued within `timeout` seconds; returns the counts.
@@ -956,6 +996,7 @@ class EventSender:
             # A batch still being posted is not known to have arrived.
             self.dropped += len(self.queue) + (self.in_flight if self.thread.is_alive() else 0)
             self.queue.clear()
+            self.held = 0
             return {"events_sent": self.sent, "events_dropped": self.dropped}
 
     def _take(self) -> list[dict[str, Any]] | None:
@@ -966,13 +1007,25 @@ class EventSender:
                 if self.queue:
                     wait = self.queue[0][0] + self.interval - time.monotonic()
                     if self.closing or len(self.queue) >= self.batch or wait <= 0:
-                        self.in_flight = min(self.batch_max, len(self.queue))
-                        return [self.queue.popleft()[1] for _ in range(self.in_flight)]
+                        return self._pop_batch()
                     self.cond.wait(wait)
                 elif self.closing:
                     return None
                 else:
                     self.cond.wait()
+
+    def _pop_batch(self) -> list[dict[str, Any]]:
+        """Up to batch_max events and batch_bytes (one at least); the caller holds the lock."""
+        batch, size = [], 0
+        while self.queue and len(batch) < self.batch_max:
+            if batch and size + self.queue[0][2] > self.batch_bytes:
+                break
+            _, event, held = self.queue.popleft()
+            batch.append(event)
+            size += held
+        self.held -= size
+        self.in_flight = len(batch)
+        return batch
 
     def _run(self) -> None:
         while (batch := self._take()) is not None:
@@ -992,6 +1045,7 @@ class EventSender:
                     self.stopped = f"HTTP {status}"
                     self.dropped += len(batch) + len(self.queue)
                     self.queue.clear()
+                    self.held = 0
                     self.closing = True
                 elif not transient or time.monotonic() + delay > self.deadline:
                     self.dropped += len(batch)

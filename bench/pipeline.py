@@ -354,6 +354,7 @@ def main() -> None:
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) > 2:
         os.sched_setaffinity(0, cpus[:2])
+    events.compile_runner()
     pipeline = run_pipeline(args.reps or (3 if args.quick else 7))
     event_runs = None if args.no_events else run_events(args.quick)
     if args.json:

@@ -137,7 +137,8 @@ def test_partial_batch_is_posted_after_the_interval(senders):
 def test_put_never_blocks_while_post_is_stuck(senders):
     rec = Recorder()
     rec.gate.clear()  # the API hangs
-    sender = senders(rec, batch=50, interval=0.01, soft=20_000, hard=20_000)
+    no_limit = {"soft": 20_000, "hard": 20_000, "soft_bytes": 1 << 30, "hard_bytes": 1 << 30}
+    sender = senders(rec, batch=50, interval=0.01, **no_limit)
     sender.put(event(0))
     assert rec.entered.wait(WAIT)  # the sender's thread is now inside post
     start = time.monotonic()
@@ -185,6 +186,109 @@ def test_hard_limit_drops_everything_and_counts_it(senders):
     result = sender.close(timeout=WAIT)
     assert [e["sequence"] for e in rec.events()] == list(range(0, 9))
     assert result == {"events_sent": 9, "events_dropped": 6}
+
+
+def big(seq: int, kind: str = "tool_call", chars: int = 10_000) -> dict:
+    """An event that holds about `chars` bytes more than event()."""
+    return event(seq, kind) | {"metadata": {"text": "x" * chars}}
+
+
+def test_soft_byte_limit_drops_thinking_and_tool_results_first(senders):
+    rec = Recorder()
+    rec.gate.clear()
+    sender = senders(rec, batch=1, interval=0.01, soft_bytes=25_000, hard_bytes=45_000)
+    sender.put(event(0))
+    assert rec.entered.wait(WAIT)  # event 0 is in flight; the queue is empty
+    sender.put(big(1))
+    sender.put(big(2))  # ~21 KB queued: under the soft limit, far under the count limits
+    sender.put(big(3, "thinking"))  # dropped: low value, past the soft limit
+    sender.put(big(4, "tool_result"))  # dropped
+    sender.put(big(5))  # kept: under the hard limit
+    sender.put(event(6, "error"))  # kept
+    assert sender.dropped == 2
+    rec.gate.set()
+    result = sender.close(timeout=WAIT)
+    assert [e["sequence"] for e in rec.events()] == [0, 1, 2, 5, 6]
+    assert result == {"events_sent": 5, "events_dropped": 2}
+
+
+def test_hard_byte_limit_drops_what_does_not_fit_and_counts_it(senders):
+    rec = Recorder()
+    rec.gate.clear()
+    sender = senders(rec, batch=1, interval=0.01, soft_bytes=10_000, hard_bytes=45_000)
+    sender.put(event(0))
+    assert rec.entered.wait(WAIT)
+    for seq in range(1, 5):
+        sender.put(big(seq, "error"))  # ~43 KB queued
+    sender.put(big(5, "error"))  # dropped: it does not fit
+    sender.put(big(6, "tool_call"))  # dropped
+    sender.put(event(7, "error"))  # a small one still fits
+    assert sender.dropped == 2
+    rec.gate.set()
+    result = sender.close(timeout=WAIT)
+    assert [e["sequence"] for e in rec.events()] == [0, 1, 2, 3, 4, 7]
+    assert result == {"events_sent": 6, "events_dropped": 2}
+
+
+def test_bytes_are_freed_as_batches_leave(senders):
+    rec = Recorder()
+    rec.gate.clear()
+    sender = senders(rec, batch=1, interval=0.01, soft_bytes=25_000, hard_bytes=25_000)
+    sender.put(event(0))
+    assert rec.entered.wait(WAIT)
+    for seq in range(1, 4):
+        sender.put(big(seq))  # the third does not fit
+    assert sender.dropped == 1
+    rec.gate.set()
+    rec.wait_accepted(3)  # events 0-2: the queue is empty again
+    sender.put(big(4))
+    sender.put(big(5))
+    result = sender.close(timeout=WAIT)
+    assert [e["sequence"] for e in rec.events()] == [0, 1, 2, 4, 5]
+    assert result == {"events_sent": 5, "events_dropped": 1}
+
+
+def test_default_limits_hold_a_queue_of_big_events_to_bytes_not_count(senders):
+    rec = Recorder()
+    rec.gate.clear()  # the API hangs
+    sender = senders(rec)
+    sender.put(event(0))
+    assert rec.entered.wait(WAIT)
+    made = 5000  # below EVENT_QUEUE_HARD: only the byte limit can drop
+    for seq in range(1, made + 1):
+        sender.put(big(seq, "tool_call", chars=sr.TEXT_LIMIT))
+    # Each event holds its text at least, so no more than this many fit.
+    assert made - sender.dropped <= sr.EVENT_QUEUE_HARD_BYTES // sr.TEXT_LIMIT
+    assert sender.dropped > 0
+    rec.gate.set()
+    result = sender.close(timeout=WAIT)
+    assert result["events_sent"] + result["events_dropped"] == made + 1
+    sequences = [e["sequence"] for e in rec.events()]
+    assert sequences == sorted(sequences)
+
+
+def test_a_backlog_goes_in_requests_of_at_most_batch_bytes(senders):
+    rec = Recorder()
+    rec.gate.clear()  # a backlog builds up behind the first request
+    unbounded = {"soft_bytes": 1 << 30, "hard_bytes": 1 << 30}
+    sender = senders(rec, batch=5, batch_max=40, batch_bytes=35_000, interval=0.01, **unbounded)
+    for seq in range(1, 21):
+        sender.put(big(seq))  # ~10.5 KB each: three fit in 35 KB, four do not
+    rec.gate.set()
+    result = sender.close(timeout=WAIT)
+    assert [e["sequence"] for e in rec.events()] == list(range(1, 21))
+    assert max(len(b) for b in rec.accepted) == 3
+    assert result == {"events_sent": 20, "events_dropped": 0}
+
+
+def test_an_event_bigger_than_batch_bytes_still_goes_alone(senders):
+    rec = Recorder()
+    sender = senders(rec, batch=5, batch_max=40, batch_bytes=1_000, interval=0.01)
+    for seq in range(1, 4):
+        sender.put(big(seq))
+    result = sender.close(timeout=WAIT)
+    assert [[e["sequence"] for e in b] for b in rec.accepted] == [[1], [2], [3]]
+    assert result == {"events_sent": 3, "events_dropped": 0}
 
 
 @pytest.mark.parametrize("status", [410, 404])

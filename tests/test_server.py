@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import shepherd_runner as sr
+from harness import Runner, runner_env
 
 API_URL = "http://shepherd-api.shepherd.svc.cluster.local:8081"
 VALID = {"taskID": "fix-greeting-1", "apiURL": API_URL}
@@ -406,6 +407,19 @@ def test_serve_on_a_busy_port_exits_with_exit_listen_and_says_why():
     assert code == sr.EXIT_LISTEN
     assert "cannot listen" in out.getvalue()
     assert f"127.0.0.1:{port}" in out.getvalue()
+
+
+def test_the_port_is_closed_once_the_task_flow_has_begun(tmp_path, api):
+    api.add_task("fix-greeting-1", repo_url="http://127.0.0.1:9/acme/widgets.git")
+    api.set_delay("/status", 60)  # holds the task flow at its first step
+    runner = Runner(runner_env(tmp_path, claude_bin="claude"))
+    try:
+        runner.assign("fix-greeting-1", api.url)
+        runner.wait_for(r" INFO task flow started ")
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", runner.port), timeout=10).close()
+    finally:
+        runner.kill()
 
 
 # ---------------------------------------------------------------------------
