@@ -975,10 +975,11 @@ class EventSender:
             self.held = held
             if count + 1 >= self.batch or count == 0:
                 self.cond.notify()
-        if count >= self.batch:
-            # A batch is waiting: the sender is behind. A parser that never
-            # waits would keep the GIL from it (it gets it back every 5 ms
-            # only), and the queue would grow; this hands it over.
+        if count >= self.batch_max:
+            # More than a full request is waiting: the sender is behind. A
+            # parser that never waits for its input keeps the GIL from it (the
+            # sender gets it back every 5 ms), the queue grows and then drops;
+            # this hands the GIL over.
             time.sleep(0)
 
     def close(self, timeout: float = EVENT_FLUSH_DEADLINE) -> dict[str, int]:

@@ -167,6 +167,7 @@ def worker(cfg: dict) -> dict:
         "read_seconds": read_done - start,  # until the agent exited and its stdout was parsed
         "total_seconds": done - start,  # until close() returned (all sent or dropped)
         "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "cpu_seconds": sum(resource.getrusage(resource.RUSAGE_SELF)[:2]),  # user + system
         "vmhwm_mb": vmhwm_kb() / 1024,  # the same peak from /proc, as a cross-check
         "agent": agent,
     }
