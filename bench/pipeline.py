@@ -1,7 +1,7 @@
 """The runner's own overhead, seen from outside: start, idle memory, assignment to agent.
 
     .venv/bin/python bench/pipeline.py                # every figure, about 2 min on 2 cores
-    .venv/bin/python bench/pipeline.py --quick        # about 40 s; the RSS ratios mean little
+    .venv/bin/python bench/pipeline.py --quick        # about 35 s; the RSS ratios mean little
     .venv/bin/python bench/pipeline.py --no-events    # only the start and task figures
     .venv/bin/python bench/pipeline.py --json         # the raw numbers instead of the table
 
@@ -17,6 +17,7 @@ measures, interleaved so that the machine's noise hits both alike:
   fake GitHub, with the token from the same kind of credential helper;
 - a runner: start -> first `GET /healthz` 200, its RSS after a second of
   waiting for the assignment, then `POST /task` -> the agent's exec;
+- the two baselines again (each figure is compared with their mean);
 - a runner that gets the assignment right after its first healthz 200;
 - a runner that gets SIGTERM while it waits (exit code and time to exit).
 
@@ -222,13 +223,17 @@ class Bench:
         return {"to_exec": executed - posted, "steps": runner.steps()}
 
     def repetition(self) -> dict:
-        out = {"import": self.baseline_import(), "clone": self.bare_clone()}
+        imports, clones = [self.baseline_import()], [self.bare_clone()]
         env, stamp = self.runner_env()
         runner = Runner(env)
-        out["start"] = runner.first_health()
+        out = {"start": runner.first_health()}
         time.sleep(IDLE_SECONDS)
         out["idle_rss_mb"] = rss_mb(runner.proc.pid)
         out |= self.task(runner, stamp)
+        # The baselines again: their mean brackets the runner's figures in time.
+        clones.append(self.bare_clone())
+        imports.append(self.baseline_import())
+        out["import"], out["clone"] = statistics.mean(imports), statistics.mean(clones)
         env, stamp = self.runner_env()
         runner = Runner(env)
         runner.first_health()
