@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+import typing
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -68,6 +69,21 @@ EVENTS_TIMEOUT = (3, 10)  # a stuck events call must not eat the flush deadline
 GITHUB_TIMEOUT = (5, 30)
 GIT_TIMEOUT = 300  # clone of a large repository; every other git call is quick
 KILL_GRACE = 5.0  # SIGTERM -> SIGKILL for the agent's processes
+# The CLI sometimes prints its `result` line and never exits (claude-code
+# #25629); StopFailure hooks run after that line, so they get this long.
+EXIT_GRACE = 30.0
+DEFAULT_IDLE_TIMEOUT = "20m"  # no stdout line for that long: the agent is stuck
+# The branch backup: how often it looks for new commits, and how long before
+# the token's expiry it makes sure a draft pull request holds them.
+BACKUP_INTERVAL = 2.0
+TOKEN_MARGIN = 300.0
+TOKEN_SKEW = 30.0  # the token counts as expired this long before expiresAt
+# Time budgets (seconds) for making the work a pull request, retries included:
+# the runner's own, the Stop hook's (its timeout in settings.json is 30 s), and
+# the one last push after a signal (the pod's grace period is 30 s in all).
+CONCLUDE_BUDGET = 120.0
+HOOK_BUDGET = 20.0
+LAST_PUSH_BUDGET = 5.0
 STDERR_TAIL_LINES = 40
 MAX_LINE_BYTES = 8 << 20  # one stream-json line; longer ones are skipped
 SUMMARY_LIMIT = 300  # characters in an event summary
@@ -224,8 +240,12 @@ def step(name: str, **fields: Any) -> Iterator[None]:
 
 
 def _now_rfc3339() -> str:
-    now = datetime.datetime.now(datetime.UTC)
-    return now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return _rfc3339(time.time())
+
+
+def _rfc3339(epoch: float) -> str:
+    stamp = datetime.datetime.fromtimestamp(epoch, datetime.UTC)
+    return stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def clip(text: str, limit: int) -> str:
@@ -360,6 +380,24 @@ def token_retry(total: int = 5, backoff: float = 1.0) -> Retry:
     )  # fmt: skip
 
 
+class Token(typing.NamedTuple):
+    value: str
+    expires_at: float  # epoch seconds
+
+
+def parse_time(value: Any) -> float | None:
+    """Epoch seconds of an RFC 3339 timestamp, or None."""
+    if not isinstance(value, str):
+        return None
+    try:
+        stamp = datetime.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if stamp.tzinfo is None:
+        return None
+    return stamp.timestamp()
+
+
 class ApiError(Exception):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
@@ -423,14 +461,19 @@ class ShepherdAPI:
             raise ApiError("the task data's repo.ref is not a string")
         return data
 
-    def fetch_token(self) -> str:
+    def fetch_token(self) -> Token:
         resp = self._request("GET", "/token")
         if resp.status_code == 200:
-            token = _json_object(resp).get("token")
+            body = _json_object(resp)
+            token = body.get("token")
             if not isinstance(token, str) or not token:
                 raise ApiError("the token response has no token")
             self.redact.add(token)
-            return token
+            expires_at = parse_time(body.get("expiresAt"))
+            if expires_at is None:
+                warn("the token came without a readable expiresAt; assuming one hour")
+                expires_at = time.time() + 3600
+            return Token(token, expires_at)
         if resp.status_code == 409:
             raise ApiError("token already issued; this runner cannot obtain credentials", 409)
         if resp.status_code == 410:
@@ -552,7 +595,15 @@ def parse_repo_url(url: str) -> RepoURL:
 
 
 class GitHubError(Exception):
-    pass
+    """A GitHub call that failed; `status` is None when GitHub could not be reached."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def transient(self) -> bool:
+        return self.status is None or self.status == 429 or self.status >= 500
 
 
 class GitHub:
@@ -585,7 +636,7 @@ class GitHub:
             HTTPAdapter(
                 max_retries=Retry(
                     total=retries,
-                    status_forcelist=(500, 502, 503, 504),
+                    status_forcelist=RETRY_STATUSES,
                     backoff_factor=0.5,
                     raise_on_status=False,
                 )  # fmt: skip
@@ -603,8 +654,9 @@ class GitHub:
             try:
                 return resp.json()
             except ValueError:
-                raise GitHubError(f"GitHub answered {method} {path} with non-JSON") from None
-        raise GitHubError(self._explain(resp, method, path))
+                message = f"GitHub answered {method} {path} with non-JSON"
+                raise GitHubError(message, resp.status_code) from None
+        raise GitHubError(self._explain(resp, method, path), resp.status_code)
 
     def _explain(self, resp: requests.Response, method: str, path: str) -> str:
         body = _json_object(resp, strict=False)
@@ -625,8 +677,9 @@ class GitHub:
         )
 
     def find_pull(self, branch: str) -> dict[str, Any] | None:
+        """The open pull request whose head is `branch` (a closed one holds no new work)."""
         pulls = self._call(
-            "GET", "/pulls", params={"head": f"{self.repo.owner}:{branch}", "state": "all"}
+            "GET", "/pulls", params={"head": f"{self.repo.owner}:{branch}", "state": "open"}
         )
         return pulls[0] if isinstance(pulls, list) and pulls else None
 
@@ -738,6 +791,7 @@ class AgentMetrics:
     duration_ms: int | None = None
     session_id: str = ""
     result: str = ""
+    usage: dict[str, int] | None = None
 
     def details(self) -> dict[str, Any]:
         pairs = {
@@ -749,8 +803,24 @@ class AgentMetrics:
         return {k: v for k, v in pairs.items() if v is not None}
 
 
+USAGE_KEYS = (
+    "input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens",
+)  # fmt: skip
+
+
+def _usage(value: Any) -> dict[str, int] | None:
+    if not isinstance(value, dict):
+        return None
+    counts = {k: value.get(k) for k in USAGE_KEYS}
+    return {k: v if type(v) is int and v >= 0 else 0 for k, v in counts.items()}
+
+
 class StreamParser:
-    """Turns stream-json lines into API events; never raises on bad input."""
+    """Turns stream-json lines into API events; never raises on bad input.
+
+    It also keeps what a report needs when no `result` line comes (a signal,
+    a deadline, a crash): the session, the turns and the token usage so far.
+    """
 
     def __init__(self, redact: Redactor, clock: Callable[[], str] = _now_rfc3339) -> None:
         self.redact = redact
@@ -759,6 +829,30 @@ class StreamParser:
         self.tools: dict[str, str] = {}  # tool_use id -> tool name
         self.metrics: AgentMetrics | None = None
         self.last_text = ""
+        self.session_id = ""
+        self.turns = 0
+        self.usage = dict.fromkeys(USAGE_KEYS, 0)
+        self._message_id: Any = None  # the assistant message last counted
+
+    def report(self, duration_ms: int) -> dict[str, Any]:
+        """The run's metrics for the terminal status, with or without a `result` line."""
+        metrics = self.metrics or AgentMetrics()
+        details = {
+            "num_turns": self.turns, "session_id": self.session_id,
+            "duration_ms": duration_ms, **metrics.details(),
+        }  # fmt: skip
+        details["usage"] = metrics.usage or dict(self.usage)
+        return details
+
+    def _count(self, message: dict[str, Any], body: dict[str, Any]) -> None:
+        # The CLI prints one line per content block, each repeating its
+        # message's id and usage: count each message once.
+        if message.get("type") != "assistant" or body.get("id") == self._message_id:
+            return
+        self._message_id = body.get("id")
+        self.turns += 1
+        for key, value in (_usage(body.get("usage")) or {}).items():
+            self.usage[key] += value
 
     def event(self, kind: str, summary: str, **fields: Any) -> dict[str, Any]:
         """An event; the summary is redacted here, `fields` come redacted already."""
@@ -788,6 +882,9 @@ class StreamParser:
 
     def _message(self, message: dict[str, Any]) -> list[dict[str, Any]]:
         kind = message.get("type")
+        session = message.get("session_id")
+        if isinstance(session, str) and session and not self.session_id:
+            self.session_id = self.redact.head(session, 100)
         if kind == "result":
             metrics = self.metrics = self._result(message)
             if metrics.is_error or metrics.subtype.startswith("error"):
@@ -801,6 +898,7 @@ class StreamParser:
         body = message.get("message")
         if kind not in ("assistant", "user") or not isinstance(body, dict):
             return []  # init and other system lines, and types we do not know yet
+        self._count(message, body)
         content = body.get("content")
         if isinstance(content, str):
             content = [{"type": "text", "text": content}] if kind == "assistant" else []
@@ -869,6 +967,7 @@ class StreamParser:
             duration_ms=number("duration_ms", int),
             session_id=str(message.get("session_id") or ""),
             result=_result_text(message.get("result")),
+            usage=_usage(message.get("usage")),
         )
 
 
@@ -1096,10 +1195,11 @@ class AgentRun:
     exit_code: int | None = None  # None: it never started
     metrics: AgentMetrics | None = None
     stderr: str = ""
-    stopped: str = ""  # why the runner stopped it: a signal or the deadline
+    stopped: str = ""  # why the runner stopped it: a signal, the deadline, silence
+    hung: bool = False  # it printed its result but did not exit: stopped, not a failure
     missing: str = ""  # why it could not start
     last_text: str = ""
-    events: dict[str, int] = dataclasses.field(default_factory=dict)
+    duration_ms: int = 0
 
 
 def _read_lines(stream: Any, limit: int) -> Iterator[bytes | None]:
@@ -1117,6 +1217,15 @@ def _read_lines(stream: Any, limit: int) -> Iterator[bytes | None]:
         yield chunk
 
 
+@dataclasses.dataclass
+class Limits:
+    """When the runner stops the agent (seconds; None: never)."""
+
+    timeout: float | None = None  # SHEPHERD_TASK_TIMEOUT, from the start
+    idle: float | None = None  # SHEPHERD_IDLE_TIMEOUT, since the last stdout line
+    exit_grace: float = EXIT_GRACE  # after the `result` line
+
+
 def run_agent(
     cmd: list[str],
     *,
@@ -1125,7 +1234,7 @@ def run_agent(
     sender: EventSender,
     parser: StreamParser,
     stop: Stop,
-    timeout: float | None,
+    limits: Limits,
     on_stop: Callable[[], None] = lambda: None,
     grace: float = KILL_GRACE,
     max_line: int = MAX_LINE_BYTES,
@@ -1133,11 +1242,13 @@ def run_agent(
     """Runs the agent, turning its stdout into events as it comes.
 
     `env` must carry SHEPHERD_RUN_ID: it marks every process the agent starts,
-    which are all stopped when it exits, times out or the runner is signalled.
-    `on_stop` runs before the runner stops the agent early.
+    which are all stopped when it exits, times out, falls silent, hangs after
+    its result or the runner is signalled. `on_stop` runs before the runner
+    stops the agent early.
     """
     result = AgentRun()
     marker = f"SHEPHERD_RUN_ID={env['SHEPHERD_RUN_ID']}".encode()
+    started = time.monotonic()
     try:
         proc = subprocess.Popen(
             cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
@@ -1148,7 +1259,9 @@ def run_agent(
         return result
     info("agent process started", pid=proc.pid)
     tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
-    wake = stop.subscribe(threading.Event())
+    wake = stop.subscribe(threading.Event())  # also set by the exit and the result line
+    exited = threading.Event()
+    seen = {"line": started, "result": 0.0}  # monotonic times, written by the reader
 
     def drain_stderr() -> None:
         for raw in _read_lines(proc.stderr, 64 << 10):
@@ -1157,13 +1270,45 @@ def run_agent(
 
     def wait_exit() -> None:
         proc.wait()
+        exited.set()
         wake.set()
 
+    def overdue() -> tuple[str, float | None]:
+        """(why the agent must be stopped now, or '' and the next deadline)."""
+        now, due = time.monotonic(), []
+        if limits.timeout:
+            if now >= started + limits.timeout:
+                return f"timed out after {_duration(limits.timeout)} (SHEPHERD_TASK_TIMEOUT)", None
+            due.append(started + limits.timeout)
+        if limits.idle:
+            if now >= seen["line"] + limits.idle:
+                idle = _duration(limits.idle)
+                return f"the agent produced no output for {idle} (SHEPHERD_IDLE_TIMEOUT)", None
+            due.append(seen["line"] + limits.idle)
+        if seen["result"]:
+            if now >= seen["result"] + limits.exit_grace:
+                return "hung", None
+            due.append(seen["result"] + limits.exit_grace)
+        return "", min(due, default=None)
+
     def watchdog() -> None:
-        if not wake.wait(timeout):
-            result.stopped = f"timed out after {_duration(timeout or 0)} (SHEPHERD_TASK_TIMEOUT)"
-        elif stop.signum is not None and proc.poll() is None:
-            result.stopped = stop.reason
+        while True:
+            wake.clear()  # before the checks: a set() after them ends the wait
+            if exited.is_set():
+                break
+            if stop.signum is not None:
+                result.stopped = stop.reason
+                break
+            reason, due = overdue()
+            if reason == "hung":
+                result.hung = True
+                seconds = _duration(limits.exit_grace)
+                warn("the agent printed its result but did not exit; stopping it", after=seconds)
+                break
+            if reason:
+                result.stopped = reason
+                break
+            wake.wait(None if due is None else due - time.monotonic())
         if result.stopped:
             warn("stopping the agent", reason=result.stopped)
             on_stop()
@@ -1180,15 +1325,20 @@ def run_agent(
         thread.start()
     skipped = 0
     for line in _read_lines(proc.stdout, max_line):
+        seen["line"] = time.monotonic()
         if line is None:
             skipped += 1
             sender.put(parser.event("error", f"agent output line over {max_line} bytes skipped"))
             continue
         for event in parser.feed(line):
             sender.put(event)
+        if parser.metrics is not None and not seen["result"]:
+            seen["result"] = time.monotonic()
+            wake.set()
     result.exit_code = proc.wait()
     for thread in threads:
         thread.join()
+    result.duration_ms = int((time.monotonic() - started) * 1000)
     result.metrics = parser.metrics
     result.last_text = parser.last_text
     result.stderr = "\n".join(tail)
@@ -1228,6 +1378,8 @@ def agent_failure(run: AgentRun, cfg: Config) -> str:
     if metrics is not None and metrics.is_error:
         text = clip(metrics.result or stderr, 600)
         return "the agent failed" + (f": {text}" if text else "")
+    if run.hung:
+        return ""  # its result line said how it ended; the runner only stopped the process
     if run.exit_code is not None and run.exit_code < 0:
         name = signal.Signals(-run.exit_code).name
         return f"the agent was killed by {name}" + (f": {stderr}" if stderr else "")
@@ -1243,7 +1395,7 @@ def _last_lines(text: str, count: int) -> str:
 
 
 # ---------------------------------------------------------------------------
-# the outcome: shared by the Stop hook and the main process's fallback
+# the outcome: decided by the Stop hook or the runner, reported by the runner
 # ---------------------------------------------------------------------------
 
 
@@ -1261,10 +1413,11 @@ class TaskState:
     source_url: str = ""
     github_api_url: str = ""
     pr_draft: bool = False
+    started_at: float = 0.0  # epoch seconds
+    token_expires_at: float = 0.0  # epoch seconds; 0: unknown
 
     def save(self, path: str) -> None:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(dataclasses.asdict(self), f, indent=2)
+        _write_json(path, dataclasses.asdict(self))
 
     @classmethod
     def load(cls, path: str) -> TaskState:
@@ -1273,12 +1426,39 @@ class TaskState:
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in fields})
 
+    def token_expired(self, now: float) -> bool:
+        return bool(self.token_expires_at) and now >= self.token_expires_at - TOKEN_SKEW
+
+
+def _write_json(path: str, data: Any) -> None:
+    # Another process reads it at any moment: it must never see half a file.
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+    os.replace(path + ".tmp", path)
+
 
 @dataclasses.dataclass
 class Outcome:
     event: str  # completed | failed | block (the hook asks the agent to go on)
     message: str
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
+    transient: bool = False  # a retry may end otherwise (GitHub or the network failed)
+
+    def save(self, path: str) -> None:
+        _write_json(path, dataclasses.asdict(self))
+
+    @classmethod
+    def load(cls, path: str) -> Outcome | None:
+        """The outcome the hook left, or None when there is none (or it is unreadable)."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            outcome = cls(**data)
+        except (OSError, ValueError, TypeError):
+            return None
+        if outcome.event not in ("completed", "failed") or not isinstance(outcome.details, dict):
+            return None
+        return outcome
 
 
 def commits_ahead(git: Git, state: TaskState, ref: str = "") -> int:
@@ -1299,6 +1479,172 @@ def pr_body(state: TaskState, summary: str) -> str:
     return "\n\n".join(parts)
 
 
+class PushError(Exception):
+    def __init__(self, message: str, transient: bool) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+# What git says when the server or the network failed, not the request.
+_TRANSIENT_GIT = re.compile(
+    r"returned error: (?:429|5\d\d)|could not resolve host|failed to connect|connection "
+    r"(?:refused|reset|timed out)|timed out|early eof|rpc failed|remote end hung up|stale info",
+    re.IGNORECASE,
+)
+
+
+def retrying(
+    action: Callable[[], Any],
+    deadline: float,
+    what: str,
+    sleep: Callable[[float], Any] = time.sleep,
+) -> Any:
+    """`action()`, tried again with backoff while it fails transiently and time is left."""
+    delay = 1.0
+    while True:
+        try:
+            return action()
+        except (GitHubError, PushError) as exc:
+            if not exc.transient or time.monotonic() + delay > deadline:
+                raise
+            warn(f"{what} failed; retrying", error=str(exc), after=delay)
+        sleep(delay)
+        delay = min(delay * 2, 8.0)
+
+
+class Branch:
+    """The task branch on the remote, kept at the local one.
+
+    Shared by the backup thread, the Stop hook and the conclusion. What was
+    pushed and the draft pull request opened before the token expired are
+    recorded in the state dir, so the hook knows them too.
+    """
+
+    def __init__(self, git: Git, state: TaskState, record: str = "") -> None:
+        self.git, self.state, self.record = git, state, record
+        self.remote: str | None = None  # the remote branch's sha as last seen; "": absent
+        self.pull_url = ""
+        self.lock = threading.Lock()
+        if record:
+            with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+                with open(record, encoding="utf-8") as f:
+                    data = json.load(f)
+                self.remote, self.pull_url = data.get("remote"), str(data.get("pull_url") or "")
+
+    def head(self) -> str:
+        try:
+            return self.git("rev-parse", "--verify", "-q", f"refs/heads/{self.state.branch}")
+        except CommandError:
+            return ""
+
+    def compare_url(self) -> str:
+        repo = parse_repo_url(self.state.repo_url)
+        return (
+            f"{repo.scheme}://{repo.host}/{repo.owner}/{repo.name}/compare/"
+            f"{self.state.base_ref}...{self.state.branch}"
+        )
+
+    def save(self) -> None:
+        if self.record:
+            with contextlib.suppress(OSError):
+                _write_json(self.record, {"remote": self.remote, "pull_url": self.pull_url})
+
+    def push(self, deadline: float) -> str:
+        """Brings the remote branch to the local one, retrying; returns the sha pushed."""
+        if not self.lock.acquire(timeout=max(deadline - time.monotonic(), 0)):
+            raise PushError("another push of the branch is still running", transient=True)
+        try:
+            return retrying(self._push, deadline, f"pushing {self.state.branch}")
+        finally:
+            self.lock.release()
+
+    def _push(self) -> str:
+        branch = self.state.branch
+        local = self.head()
+        try:
+            if self.remote is None:
+                out = self.git("ls-remote", "origin", f"refs/heads/{branch}", timeout=60)
+                self.remote = out.split("\t")[0] if out else ""
+            if local == self.remote:
+                return local
+            # Pushing the sha, not the ref: a commit made meanwhile waits for
+            # the next push. The lease makes an overwrite of the runner's own
+            # branch (after the agent rewrote history) safe against a
+            # concurrent writer; it never touches another branch.
+            lease = f"--force-with-lease=refs/heads/{branch}:{self.remote}"
+            self.git(
+                "push", "--quiet", lease, "origin", f"{local}:refs/heads/{branch}", timeout=120
+            )
+        except CommandError as exc:
+            self.remote = None  # read it again: it may have moved
+            detail = exc.err.strip() or str(exc)
+            message = clip(f"pushing {branch} failed: {detail}", 800)
+            raise PushError(message, bool(_TRANSIENT_GIT.search(detail))) from None
+        self.remote = local
+        self.save()
+        return local
+
+
+def open_pull(
+    github: GitHub, state: TaskState, *, title: str, body: str, draft: bool, deadline: float
+) -> tuple[dict[str, Any], bool]:
+    """The open pull request of the branch, opened if there is none: (pull, opened)."""
+
+    def attempt() -> tuple[dict[str, Any], bool]:
+        # Looked for before every try: a create whose answer was lost may
+        # have opened it, and so may the agent.
+        pull = github.find_pull(state.branch)
+        if pull is not None:
+            return pull, False
+        try:
+            return github.create_pull(
+                title=title, head=state.branch, base=state.base_ref, body=body, draft=draft
+            ), True  # fmt: skip
+        except GitHubError as exc:
+            if exc.status == 422 and (pull := github.find_pull(state.branch)) is not None:
+                return pull, False  # opened meanwhile
+            raise
+
+    return retrying(attempt, deadline, "opening the pull request")
+
+
+def _clock(epoch: float) -> str:
+    return time.strftime("%H:%M UTC", time.gmtime(epoch))
+
+
+def _commits(count: int) -> str:
+    return f"{count} commit{'s' if count != 1 else ''}"
+
+
+def expired_outcome(state: TaskState, git: Git, branch: Branch, details: dict) -> Outcome:
+    """What is true once the token has expired: where each commit is, with no call to GitHub."""
+    minutes = round((state.token_expires_at - state.started_at) / 60)
+    when = f"the GitHub token expired at {_clock(state.token_expires_at)}"
+    if state.started_at:
+        when += f", {minutes} minutes into the task"
+    local, pushed = branch.head(), branch.remote or ""
+    later = int(git("rev-list", "--count", f"{pushed}..{local}") or 0) if pushed else 0
+    details = details | {"token_expired_at": _rfc3339(state.token_expires_at)}
+    if not pushed:
+        message = f"{when}; its {_commits(details.get('commits', 0))} are only in the pod"
+        return Outcome("failed", message, details | {"error": message})
+    where = (
+        f"pull request {branch.pull_url}"
+        if branch.pull_url
+        else f"branch {state.branch} ({branch.compare_url()})"
+    )
+    if branch.pull_url:
+        details["pr_url"] = branch.pull_url
+    if later == 0 and branch.pull_url:
+        message = f"pull request {branch.pull_url} (it stays a draft: {when})"
+        return Outcome("completed", message, details)
+    message = f"{when}; "
+    if later:
+        message += f"{_commits(later)} made later {'are' if later != 1 else 'is'} only in the pod; "
+    message += f"the work up to {pushed[:7]} is in {where}"
+    return Outcome("failed", message, details | {"error": message})
+
+
 def conclude(
     state: TaskState,
     git: Git,
@@ -1306,11 +1652,15 @@ def conclude(
     *,
     last_message: str,
     may_block: bool,
+    deadline: float,
+    branch: Branch | None = None,
+    now: Callable[[], float] = time.time,
 ) -> Outcome:
     """Makes sure the work ends as a pull request, and says what is true.
 
     The decision table is in the README ("What happens when the agent stops").
-    Idempotent: run by the hook and again by the main process, it opens one PR.
+    Idempotent: run by the hook and again by the runner, it opens one PR. A
+    failure GitHub or the network may not repeat is `transient`.
     """
     dirty = [line[3:] for line in git("status", "--porcelain").splitlines() if line]
     if dirty and may_block:
@@ -1324,14 +1674,6 @@ def conclude(
     details: dict[str, Any] = {"branch": state.branch}
     if dirty:
         details["uncommitted"] = dirty[:50]
-    try:
-        pull = github.find_pull(state.branch)
-    except GitHubError as exc:
-        return Outcome("failed", str(exc), details | {"error": str(exc)})
-    if pull is not None:
-        url = pull.get("html_url", "")
-        return Outcome("completed", f"pull request {url}", details | {"pr_url": url})
-
     ahead = commits_ahead(git, state)
     if ahead == 0:
         head = git("rev-parse", "--abbrev-ref", "HEAD")
@@ -1345,30 +1687,100 @@ def conclude(
         return Outcome("failed", "no changes made", details | {"error": error_text})
 
     details["commits"] = ahead
+    branch = branch or Branch(git, state)
+    if state.token_expired(now()):
+        return expired_outcome(state, git, branch, details)
     try:
-        git("push", "origin", f"refs/heads/{state.branch}:refs/heads/{state.branch}", timeout=120)
-    except CommandError as exc:
-        message = f"pushing {state.branch} failed: {exc.err.strip() or exc}"
-        return Outcome("failed", clip(message, 800), details | {"error": clip(message, 800)})
-    try:
-        pull = github.create_pull(  # a PR is public: nothing secret goes into it
+        # First the remote branch gets the last commit, so that a pull
+        # request found for it (one left by an earlier attempt) holds it.
+        branch.push(deadline)
+        pull, opened = open_pull(
+            github, state, deadline=deadline, draft=state.pr_draft,
+            # a PR is public: nothing secret goes into it
             title=git.redact(pr_title(state.description)),
-            head=state.branch,
-            base=state.base_ref,
             body=git.redact(pr_body(state, last_message)),
-            draft=state.pr_draft,
-        )
-    except GitHubError as exc:
-        # Another process (the hook, the agent) may have opened it meanwhile.
-        try:
-            pull = github.find_pull(state.branch)
-        except GitHubError:
-            pull = None
-        if pull is None:
-            return Outcome("failed", str(exc), details | {"error": str(exc)})
+        )  # fmt: skip
+    except (PushError, GitHubError) as exc:
+        if state.token_expired(now()):
+            return expired_outcome(state, git, branch, details)
+        message = str(exc)
+        return Outcome("failed", message, details | {"error": message}, transient=exc.transient)
     url = pull.get("html_url", "")
-    details |= {"pr_url": url, "pr_opened_by": "shepherd-runner"}
+    details["pr_url"] = url
+    if opened:
+        details["pr_opened_by"] = "shepherd-runner"
     return Outcome("completed", f"pull request {url}", details)
+
+
+class Backup:
+    """Pushes each new commit of the task branch while the agent works.
+
+    Every BACKUP_INTERVAL seconds, in a thread of its own, so that neither the
+    agent nor the events ever wait for GitHub: a pod deleted mid-task loses
+    nothing that was committed. Once the token has less than TOKEN_MARGIN
+    left, it also makes sure a draft pull request holds the work; after the
+    token's expiry it makes no call at all.
+    """
+
+    def __init__(
+        self,
+        branch: Branch,
+        github: GitHub,
+        *,
+        interval: float = BACKUP_INTERVAL,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        self.branch, self.github, self.interval, self.now = branch, github, interval, now
+        self.state = branch.state
+        self.stopping = threading.Event()
+        self.problem = ""  # the last failure, logged once
+        self.thread = threading.Thread(target=self._run, name="backup", daemon=True)
+
+    def start(self) -> Backup:
+        self.thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.stopping.set()
+        self.thread.join(timeout)  # a push in flight finishes on its own; Branch.lock waits
+
+    def _run(self) -> None:
+        while not self.stopping.wait(self.interval):
+            if self.state.token_expired(self.now()):
+                info("GitHub token expired; the branch backup stops")
+                return
+            try:
+                self.tick()
+            except (PushError, GitHubError, CommandError, ValueError) as exc:
+                if str(exc) != self.problem:
+                    warn("branch backup failed; retrying", error=str(exc))
+                self.problem = str(exc)
+
+    def tick(self) -> None:
+        local = self.branch.head()
+        if not local or not commits_ahead(self.branch.git, self.state):
+            return
+        if local != self.branch.remote:
+            start = time.monotonic()
+            self.branch.push(time.monotonic())  # one try: the next tick is the retry
+            seconds = round(time.monotonic() - start, 3)
+            info("branch backed up", branch=self.state.branch, sha=local[:7], seconds=seconds)
+            self.problem = ""
+        left = self.state.token_expires_at - self.now()
+        if self.state.token_expires_at and left < TOKEN_MARGIN and not self.branch.pull_url:
+            expiry = _clock(self.state.token_expires_at)
+            pull, _ = open_pull(
+                self.github, self.state, draft=True, deadline=time.monotonic(),
+                title=self.branch.git.redact(pr_title(self.state.description)),
+                body=self.branch.git.redact(pr_body(
+                    self.state, f"Draft: the GitHub token expires at {expiry}; this pull "
+                    "request keeps the work pushed until then.",
+                )),
+            )  # fmt: skip
+            self.branch.pull_url = pull.get("html_url", "")
+            self.branch.save()
+            info("draft pull request keeps the work before the token expires",
+                 pr_url=self.branch.pull_url, expires=expiry)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
@@ -1387,6 +1799,7 @@ class Config:
     max_budget_usd: float
     model: str
     task_timeout: float | None
+    idle_timeout: float | None
     allowed_api_urls: tuple[str, ...]
     clone_filter: str
     github_api_url: str
@@ -1398,6 +1811,12 @@ def parse_addr(value: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or int(port) > 65535:
         raise argparse.ArgumentTypeError(f"{value!r} is not host:port (e.g. :8888)")
     return host.strip("[]"), int(port)
+
+
+def parse_idle_timeout(value: str) -> float | None:
+    if re.fullmatch(r"\s*0+(\.0*)?\s*[smh]?\s*", value):
+        return None
+    return parse_timeout(value)
 
 
 def parse_timeout(value: str) -> float | None:
@@ -1514,6 +1933,10 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "agent deadline: 90, 30s, 25m, 1h (none if empty)",
     )  # fmt: skip
     setting(
+        "--idle-timeout", "SHEPHERD_IDLE_TIMEOUT", DEFAULT_IDLE_TIMEOUT, parse_idle_timeout,
+        "stop the agent after this long without a line of output; 0 for never",
+    )  # fmt: skip
+    setting(
         "--allowed-api-urls", "SHEPHERD_ALLOWED_API_URLS", "", parse_url_list,
         "comma-separated apiURLs an assignment may name (any if empty)",
     )  # fmt: skip
@@ -1542,6 +1965,7 @@ def parse_config(argv: list[str], environ: Mapping[str, str]) -> Config:
         max_budget_usd=args.max_budget_usd,
         model=args.model,
         task_timeout=args.task_timeout,
+        idle_timeout=args.idle_timeout,
         allowed_api_urls=args.allowed_api_urls,
         clone_filter="" if args.clone_filter == "none" else args.clone_filter,
         github_api_url=args.github_api_url.rstrip("/"),
@@ -1783,6 +2207,8 @@ def agent_env(ctx: Context, state: TaskState, gitenv: Mapping[str, str], api: st
         TMPDIR=os.path.join(state_dir(ctx.home), "tmp"),
         # The hook's log lines go where ours go: `kubectl logs`.
         SHEPHERD_LOG_FILE=f"/proc/{os.getpid()}/fd/1",
+        # The hook reports by itself only when this process is gone.
+        SHEPHERD_RUNNER_PID=str(os.getpid()),
         DISABLE_AUTOUPDATER="1",
         CI="true",
     )
@@ -1796,6 +2222,8 @@ def agent_env(ctx: Context, state: TaskState, gitenv: Mapping[str, str], api: st
 
 STATE_FILE = "task.json"  # TaskState, in the state dir
 STOP_FILE = "stop"  # present once the runner has decided: the hook stands down
+OUTCOME_FILE = "outcome.json"  # the hook's decision, for the runner to report
+BRANCH_FILE = "branch.json"  # what Branch pushed, and the draft PR it opened
 
 
 def state_dir(home: str) -> str:
@@ -1806,8 +2234,16 @@ def github_for(state: TaskState, token: str) -> GitHub:
     return GitHub(parse_repo_url(state.repo_url), token, api_url=state.github_api_url or None)
 
 
+def _no_metrics() -> dict[str, Any]:
+    # Every terminal status carries these, even when no agent ran.
+    return {
+        "num_turns": 0, "session_id": "", "duration_ms": 0,
+        "usage": dict.fromkeys(USAGE_KEYS, 0), "events_sent": 0, "events_dropped": 0,
+    }  # fmt: skip
+
+
 class TaskRun:
-    """One task, step by step, in the main thread."""
+    """One task, step by step, in the main thread; the one terminal status at the end."""
 
     def __init__(self, cfg: Config, assignment: Assignment, ctx: Context) -> None:
         self.cfg, self.assignment, self.ctx = cfg, assignment, ctx
@@ -1815,10 +2251,11 @@ class TaskRun:
             assignment.api_url, assignment.task_id, session=ctx.session,
             retry=ctx.retry, token_retries=ctx.token_retries, redact=ctx.redact,
         )  # fmt: skip
-        self.details: dict[str, Any] = {}
-        # Marks every process started for this task (git, the agent and all
-        # it starts) so that a signal can stop them wherever they are.
+        self.details: dict[str, Any] = _no_metrics()
+        # Marks every process started for this task (the clone, the agent and
+        # all it starts) so that a signal can stop them wherever they are.
         self.run_id = secrets.token_hex(8)
+        self.state_dir = state_dir(ctx.home)
 
     def _reporter(self) -> ShepherdAPI:
         """After a signal the pod is SIGKILLed 30 s later: retry within ~15 s, then say so."""
@@ -1835,7 +2272,7 @@ class TaskRun:
 
     def _on_signal(self, signalled: threading.Event) -> None:
         signalled.wait()
-        _stand_down(self.ctx.home)  # the Stop hook must not report after us
+        _stand_down(self.ctx.home)  # the Stop hook must not decide after us
         stop_processes(f"SHEPHERD_RUN_ID={self.run_id}".encode())
 
     def execute(self) -> Ending:
@@ -1860,9 +2297,8 @@ class TaskRun:
             message = f"internal error in shepherd-runner: {type(exc).__name__}: {exc}"
             error("unexpected error", error=message)
             outcome = Outcome("failed", message, {"error": message})
-        if outcome.event == "failed" and self.ctx.stop.signum is not None:
-            # Whatever broke was broken by the signal: say that, not the symptom.
-            outcome = Outcome("failed", self.ctx.stop.reason, {"error": self.ctx.stop.reason})
+        # Every event has been flushed (or counted as dropped) by now: the API
+        # answers /events with 410 from the first terminal status on.
         details = {**self.details, **outcome.details, "reported_by": "shepherd-runner"}
         delivered = self._reporter().report_status(outcome.event, outcome.message, details)
         if not delivered:
@@ -1872,6 +2308,7 @@ class TaskRun:
 
     def _flow(self) -> Outcome:
         cfg, ctx, task_id = self.cfg, self.ctx, self.assignment.task_id
+        started_at = time.time()
         with step("fetch task data"):
             data = self.api.fetch_task_data()
         repo = parse_repo_url(data["repo"]["url"])
@@ -1887,17 +2324,23 @@ class TaskRun:
             try:
                 with open(context_path, "w", encoding="utf-8") as f:
                     f.write(data.get("context") or "(no further context)\n")
-                os.makedirs(os.path.join(state_dir(ctx.home), "tmp"), exist_ok=True)
+                os.makedirs(os.path.join(self.state_dir, "tmp"), exist_ok=True)
+                for name in (STOP_FILE, OUTCOME_FILE, BRANCH_FILE):  # a previous run's
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(self.state_dir, name))
             except OSError as exc:
                 raise Failure(f"HOME is not writable: {exc.filename}: {exc.strerror}") from None
         self._check_stop()
-        gitenv = git_env(ctx.environ, repo.url, token) | {"SHEPHERD_RUN_ID": self.run_id}
+        gitenv = git_env(ctx.environ, repo.url, token.value)
+        marked = gitenv | {"SHEPHERD_RUN_ID": self.run_id}
         repo_dir = os.path.join(cfg.work_dir, repo.name)
+        # The runner's own git calls are not marked: stopping the agent's
+        # processes after a signal must not kill the last push of its work.
         git = Git(repo_dir, gitenv, ctx.redact)
         with step("clone", repo=repo.url, ref=ref or "(default)"):
             if not os.access(cfg.work_dir, os.W_OK):
                 raise Failure(f"work dir {cfg.work_dir} is missing or not writable")
-            clone(repo, ref, repo_dir, git, cfg.clone_filter)
+            clone(repo, ref, repo_dir, Git(repo_dir, marked, ctx.redact), cfg.clone_filter)
         branch = BRANCH_PREFIX + task_id
         with step("create branch", branch=branch):
             try:
@@ -1914,9 +2357,9 @@ class TaskRun:
             task_id=task_id, repo_url=repo.url, repo_dir=repo_dir, branch=branch,
             base_ref=base_ref, base_sha=base_sha, description=data["description"],
             source_url=data.get("sourceURL") or "", github_api_url=cfg.github_api_url,
-            pr_draft=cfg.pr_draft,
+            pr_draft=cfg.pr_draft, started_at=started_at, token_expires_at=token.expires_at,
         )  # fmt: skip
-        state.save(os.path.join(state_dir(ctx.home), STATE_FILE))
+        state.save(os.path.join(self.state_dir, STATE_FILE))
         self._check_stop()
 
         prompt = PROMPT.format(
@@ -1931,64 +2374,101 @@ class TaskRun:
         ]  # fmt: skip
         if cfg.model:
             cmd += ["--model", cfg.model]
-        env = agent_env(ctx, state, gitenv, self.assignment.api_url)
+        env = agent_env(ctx, state, marked, self.assignment.api_url)
+        github = github_for(state, token.value)
+        pushed = Branch(git, state, os.path.join(self.state_dir, BRANCH_FILE))
         sender = EventSender(self.api.post_events)
         parser = StreamParser(ctx.redact)
+        limits = Limits(timeout=cfg.task_timeout, idle=cfg.idle_timeout)
+        backup = Backup(pushed, github).start()
         with step("agent", max_turns=cfg.max_turns, timeout=cfg.task_timeout or "none"):
             try:
                 agent = run_agent(
                     cmd, cwd=repo_dir, env=env, sender=sender, parser=parser, stop=ctx.stop,
-                    timeout=cfg.task_timeout, on_stop=lambda: _stand_down(ctx.home),
+                    limits=limits, on_stop=lambda: _stand_down(ctx.home),
                 )  # fmt: skip
             finally:
+                backup.stop()
                 # After SIGTERM the pod has 30 s in all: flush briefly, report first.
                 flush = 2.0 if ctx.stop.signum is not None else EVENT_FLUSH_DEADLINE
                 self.details.update(sender.close(flush))
                 scrubbed = scrub_files(
                     [os.path.join(ctx.home, ".claude"), os.path.join(ctx.home, ".claude.json"),
                      env["TMPDIR"]],
-                    ctx.redact, token,
+                    ctx.redact, token.value,
                 )  # fmt: skip
                 if scrubbed:
                     info("token blanked in files the agent wrote", files=scrubbed)
-        if agent.metrics:
-            self.details.update(agent.metrics.details())
+        self.details.update(parser.report(agent.duration_ms))
         reason = agent_failure(agent, cfg)
         if reason:
-            return self._partial(reason, agent, state, git, token)
+            return self._partial(reason, agent, state, github, pushed)
+        decided = Outcome.load(os.path.join(self.state_dir, OUTCOME_FILE))
+        if decided is not None and not decided.transient:
+            info("reporting the Stop hook's decision", event=decided.event)
+            decided.details["decided_by"] = "stop-hook"
+            return decided
+        if decided is not None:
+            info("the Stop hook's conclusion failed; trying again", error=decided.message)
         with step("conclude"):
             return conclude(
-                state, git, github_for(state, token), last_message=agent.last_text, may_block=False
-            )
+                state, git, github, last_message=agent.last_text, may_block=False,
+                deadline=time.monotonic() + CONCLUDE_BUDGET, branch=pushed,
+            )  # fmt: skip
 
     def _partial(
-        self, reason: str, agent: AgentRun, state: TaskState, git: Git, token: str
+        self, reason: str, agent: AgentRun, state: TaskState, github: GitHub, branch: Branch
     ) -> Outcome:
-        """`failed`, with the commits the agent made kept in a draft pull request.
+        """`failed`, saying where the commits the agent made are.
 
-        Not after a signal: the pod's grace period is for reporting.
+        After a signal there is time for one short push, not for a pull
+        request: the pod's grace period is for reporting. Otherwise they are
+        kept in a draft pull request.
         """
         failed = Outcome("failed", reason, {"error": reason})
-        if agent.missing or self.ctx.stop.signum is not None:
+        if agent.missing:
             return failed
+        git = branch.git
         try:
             ahead = commits_ahead(git, state)
         except (CommandError, ValueError):
             return failed
         if not ahead:
             return failed
+        if self.ctx.stop.signum is not None:
+            return self._last_push(reason, state, branch, ahead)
         with step("keep partial work", commits=ahead):
             draft = dataclasses.replace(state, pr_draft=True)
             summary = f"Unfinished: {reason}.\n\n{agent.last_text}"
             kept = conclude(
-                draft, git, github_for(state, token), last_message=summary, may_block=False
-            )
-        if kept.event != "completed":
-            warn("partial work not kept", error=kept.message)
-            return failed
-        url = kept.details["pr_url"]
-        message = f"{reason}; its unfinished work is in pull request {url}"
+                draft, git, github, last_message=summary, may_block=False,
+                deadline=time.monotonic() + CONCLUDE_BUDGET, branch=branch,
+            )  # fmt: skip
+        if kept.event == "completed":
+            message = f"{reason}; its unfinished work is in pull request {kept.details['pr_url']}"
+        else:
+            warn("partial work not kept in a pull request", error=kept.message)
+            message = f"{reason}; {kept.message}"
         return Outcome("failed", message, {**kept.details, "error": reason})
+
+    def _last_push(self, reason: str, state: TaskState, branch: Branch, ahead: int) -> Outcome:
+        details: dict[str, Any] = {"error": reason, "branch": state.branch, "commits": ahead}
+        if state.token_expired(time.time()):
+            kept = expired_outcome(state, branch.git, branch, details)
+            return Outcome("failed", f"{reason}; {kept.message}", kept.details | {"error": reason})
+        with step("last push", commits=ahead):
+            try:
+                branch.push(time.monotonic() + LAST_PUSH_BUDGET)
+            except PushError as exc:
+                message = f"{reason}; its {_commits(ahead)} could not be pushed ({exc})"
+                return Outcome("failed", message, details)
+        if branch.pull_url:
+            details["pr_url"] = branch.pull_url
+            where = f"pull request {branch.pull_url}"
+        else:
+            details["compare_url"] = branch.compare_url()
+            where = f"branch {state.branch} ({details['compare_url']})"
+        return Outcome("failed", f"{reason}; its work ({_commits(ahead)}) is on {where}", details)
 
 
 def scrub_files(roots: Iterable[str], redact: Redactor, secret: str) -> int:
