@@ -64,11 +64,13 @@ def main(
     environ: Mapping[str, str] = os.environ,
     stdin: IO[bytes] | None = None,
     stdout: IO[str] | None = None,
+    budget: float = sr.HOOK_BUDGET,
 ) -> int:
     redact = sr.Redactor([environ.get("GH_TOKEN", ""), environ.get("ANTHROPIC_API_KEY", "")])
     sr.setup_logging(_log_stream(environ), redact)
     try:
-        return _hook(argv or [], environ, stdin or sys.stdin.buffer, stdout or sys.stdout, redact)
+        stdin = stdin or sys.stdin.buffer
+        return _hook(argv or [], environ, stdin, stdout or sys.stdout, redact, budget=budget)
     except Exception as exc:  # a traceback would be noise to Claude Code; say why
         sr.error("stop hook failed", error=f"{type(exc).__name__}: {exc}")
         return EXIT_BAD_INPUT
@@ -76,7 +78,7 @@ def main(
 
 def _hook(
     argv: list[str], environ: Mapping[str, str], stdin: IO[bytes], stdout: IO[str],
-    redact: sr.Redactor,
+    redact: sr.Redactor, *, budget: float,
 ) -> int:  # fmt: skip
     if argv:
         sr.error("stop hook takes no arguments", argv=argv)
@@ -117,7 +119,7 @@ def _hook(
         outcome = sr.conclude(
             state, git, sr.github_for(state, environ.get("GH_TOKEN", "")),
             last_message=str(payload.get("last_assistant_message") or ""),
-            may_block=not again, deadline=time.monotonic() + sr.HOOK_BUDGET, branch=branch,
+            may_block=not again, deadline=time.monotonic() + budget, branch=branch,
         )  # fmt: skip
     if outcome.event == "block":
         sr.info("stop hook asks the agent to go on", reason=outcome.message)

@@ -1612,8 +1612,8 @@ def _clock(epoch: float) -> str:
     return time.strftime("%H:%M UTC", time.gmtime(epoch))
 
 
-def _commits(count: int) -> str:
-    return f"{count} commit{'s' if count != 1 else ''}"
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'s' if count != 1 else ''}"
 
 
 def expired_outcome(state: TaskState, git: Git, branch: Branch, details: dict) -> Outcome:
@@ -1621,12 +1621,13 @@ def expired_outcome(state: TaskState, git: Git, branch: Branch, details: dict) -
     minutes = round((state.token_expires_at - state.started_at) / 60)
     when = f"the GitHub token expired at {_clock(state.token_expires_at)}"
     if state.started_at:
-        when += f", {minutes} minutes into the task"
+        when += f", {_plural(minutes, 'minute')} into the task"
     local, pushed = branch.head(), branch.remote or ""
     later = int(git("rev-list", "--count", f"{pushed}..{local}") or 0) if pushed else 0
     details = details | {"token_expired_at": _rfc3339(state.token_expires_at)}
     if not pushed:
-        message = f"{when}; its {_commits(details.get('commits', 0))} are only in the pod"
+        commits = _plural(details.get("commits", 0), "commit")
+        message = f"{when}; the {commits} are only in the pod"
         return Outcome("failed", message, details | {"error": message})
     where = (
         f"pull request {branch.pull_url}"
@@ -1640,7 +1641,8 @@ def expired_outcome(state: TaskState, git: Git, branch: Branch, details: dict) -
         return Outcome("completed", message, details)
     message = f"{when}; "
     if later:
-        message += f"{_commits(later)} made later {'are' if later != 1 else 'is'} only in the pod; "
+        verb = "is" if later == 1 else "are"
+        message += f"{_plural(later, 'commit')} made later {verb} only in the pod; "
     message += f"the work up to {pushed[:7]} is in {where}"
     return Outcome("failed", message, details | {"error": message})
 
@@ -2460,7 +2462,7 @@ class TaskRun:
             try:
                 branch.push(time.monotonic() + LAST_PUSH_BUDGET)
             except PushError as exc:
-                message = f"{reason}; its {_commits(ahead)} could not be pushed ({exc})"
+                message = f"{reason}; its {_plural(ahead, 'commit')} could not be pushed ({exc})"
                 return Outcome("failed", message, details)
         if branch.pull_url:
             details["pr_url"] = branch.pull_url
@@ -2468,7 +2470,9 @@ class TaskRun:
         else:
             details["compare_url"] = branch.compare_url()
             where = f"branch {state.branch} ({details['compare_url']})"
-        return Outcome("failed", f"{reason}; its work ({_commits(ahead)}) is on {where}", details)
+        return Outcome(
+            "failed", f"{reason}; its work ({_plural(ahead, 'commit')}) is on {where}", details
+        )
 
 
 def scrub_files(roots: Iterable[str], redact: Redactor, secret: str) -> int:

@@ -10,6 +10,7 @@ import os
 import signal
 import stat
 import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from test_e2e import BRANCH, CHANGE, COMMIT, TASK, _processes, bash, e2e, end  # noqa: F401
@@ -131,3 +132,67 @@ def _no_stray_sleepers():
     for cmd in (b"sleep\x00614\x00", b"sleep\x00615\x00", b"sleep\x00616\x00", b"sleep\x00617\x00"):
         for pid in _processes(cmd):
             os.kill(pid, signal.SIGKILL)
+
+
+def _short_token(api, github, e2e, token, seconds):
+    """The task's token expires `seconds` from now, at the API and at GitHub alike."""
+    expires = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=seconds)
+    api.add_task(TASK, repo_url=e2e.repo_url, token=token, expires_at=expires)
+    github.expire_token_at(api.token_expires_at(TASK))
+    return expires
+
+
+def _after_expiry(tmp_path):
+    """A Bash step that waits for the test to say the token has expired, then goes on."""
+    flag = tmp_path / "token-expired"
+    return flag, bash(f"while [ ! -e {flag} ]; do sleep 0.1; done; echo expired")
+
+
+LATER = bash("echo more >> README.md && git commit -qam 'Later work'")
+
+
+def test_commits_after_the_token_expired_fail_saying_where_each_commit_is(
+    e2e, api, github, tmp_path, token
+):
+    expires = _short_token(api, github, e2e, token, 45)
+    flag, wait = _after_expiry(tmp_path)
+    runner = e2e.run([*CHANGE, COMMIT, wait, LATER, end("Done.")])
+    # With less than 5 minutes left from the start, the first commit goes
+    # into a draft pull request at once.
+    runner.wait_for(r"draft pull request keeps the work before the token expires", 60)
+    runner.wait_for(r"GitHub token expired; the branch backup stops", 60)
+    flag.touch()
+    assert runner.wait(timeout=120) == 0
+    terminal = api.terminal(TASK)
+    [pull] = github.pulls
+    first = github.branch_sha("acme", "widgets", BRANCH)
+    assert github.log("acme", "widgets", BRANCH)[0] == "Update greeting"
+    assert terminal["event"] == "failed", terminal
+    assert terminal["message"] == (
+        f"the GitHub token expired at {expires:%H:%M} UTC, 1 minute into the task; "
+        f"1 commit made later is only in the pod; the work up to {first[:7]} is in "
+        f"pull request {pull['html_url']}"
+    )
+    assert pull["draft"] is True and terminal["details"]["pr_url"] == pull["html_url"]
+    assert "401" not in terminal["message"]
+    assert github.requests_after_expiry() == []
+
+
+def test_token_expiring_after_the_last_commit_completes_with_the_draft_pr(
+    e2e, api, github, tmp_path, token
+):
+    expires = _short_token(api, github, e2e, token, 45)
+    flag, wait = _after_expiry(tmp_path)
+    runner = e2e.run([*CHANGE, COMMIT, wait, end("Done.")])
+    runner.wait_for(r"GitHub token expired; the branch backup stops", 60)
+    flag.touch()
+    assert runner.wait(timeout=120) == 0
+    terminal = api.terminal(TASK)
+    [pull] = github.pulls
+    assert terminal["event"] == "completed", terminal
+    assert terminal["message"] == (
+        f"pull request {pull['html_url']} (it stays a draft: the GitHub token expired at "
+        f"{expires:%H:%M} UTC, 1 minute into the task)"
+    )
+    assert terminal["details"]["pr_url"] == pull["html_url"] and pull["draft"] is True
+    assert github.requests_after_expiry() == []
