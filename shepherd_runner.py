@@ -1498,6 +1498,7 @@ def retrying(
     deadline: float,
     what: str,
     sleep: Callable[[float], Any] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
 ) -> Any:
     """`action()`, tried again with backoff while it fails transiently and time is left."""
     delay = 1.0
@@ -1505,7 +1506,7 @@ def retrying(
         try:
             return action()
         except (GitHubError, PushError) as exc:
-            if not exc.transient or time.monotonic() + delay > deadline:
+            if not exc.transient or clock() + delay > deadline:
                 raise
             warn(f"{what} failed; retrying", error=str(exc), after=delay)
         sleep(delay)
