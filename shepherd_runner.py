@@ -1760,8 +1760,8 @@ class Backup:
                 self.problem = str(exc)
 
     def tick(self) -> None:
-        local = self.branch.head()
-        if not local or not commits_ahead(self.branch.git, self.state):
+        local = self.branch.head()  # the one subprocess of a tick when nothing changed
+        if not local or local == self.state.base_sha:
             return
         if local != self.branch.remote:
             start = time.monotonic()
