@@ -1456,7 +1456,11 @@ class Outcome:
             outcome = cls(**data)
         except (OSError, ValueError, TypeError):
             return None
-        if outcome.event not in ("completed", "failed") or not isinstance(outcome.details, dict):
+        if (
+            outcome.event not in ("completed", "failed")
+            or not isinstance(outcome.message, str)
+            or not isinstance(outcome.details, dict)
+        ):
             return None
         return outcome
 
@@ -1527,10 +1531,12 @@ class Branch:
         self.pull_url = ""
         self.lock = threading.Lock()
         if record:
-            with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+            with contextlib.suppress(OSError, ValueError, AttributeError):
                 with open(record, encoding="utf-8") as f:
                     data = json.load(f)
-                self.remote, self.pull_url = data.get("remote"), str(data.get("pull_url") or "")
+                remote, pull_url = data.get("remote"), data.get("pull_url")
+                self.remote = remote if isinstance(remote, str) else None
+                self.pull_url = pull_url if isinstance(pull_url, str) else ""
 
     def head(self) -> str:
         try:
@@ -1623,8 +1629,11 @@ def expired_outcome(state: TaskState, git: Git, branch: Branch, details: dict) -
     when = f"the GitHub token expired at {_clock(state.token_expires_at)}"
     if state.started_at:
         when += f", {_plural(minutes, 'minute')} into the task"
-    local, pushed = branch.head(), branch.remote or ""
-    later = int(git("rev-list", "--count", f"{pushed}..{local}") or 0) if pushed else 0
+    local, pushed, later = branch.head(), branch.remote or "", 0
+    try:
+        later = int(git("rev-list", "--count", f"{pushed}..{local}") or 0) if pushed else 0
+    except (CommandError, ValueError):  # the remote holds a commit this clone never had
+        pushed = ""
     details = details | {"token_expired_at": _rfc3339(state.token_expires_at)}
     if not pushed:
         commits = _plural(details.get("commits", 0), "commit")
@@ -1754,10 +1763,11 @@ class Backup:
                 return
             try:
                 self.tick()
-            except (PushError, GitHubError, CommandError, ValueError) as exc:
-                if str(exc) != self.problem:
-                    warn("branch backup failed; retrying", error=str(exc))
-                self.problem = str(exc)
+            except Exception as exc:  # best effort, every tick: a failure must not end it
+                problem = str(exc) or type(exc).__name__
+                if problem != self.problem:
+                    warn("branch backup failed; retrying", error=problem)
+                self.problem = problem
 
     def tick(self) -> None:
         local = self.branch.head()  # the one subprocess of a tick when nothing changed
@@ -2403,9 +2413,19 @@ class TaskRun:
                 if scrubbed:
                     info("token blanked in files the agent wrote", files=scrubbed)
         self.details.update(parser.report(agent.duration_ms))
-        reason = agent_failure(agent, cfg)
+        try:
+            return self._outcome(agent, state, github, pushed)
+        except CommandError as exc:  # the agent may have broken or deleted the clone
+            raise Failure(
+                f"the repository could not be read after the agent's run: {exc}"
+            ) from None
+
+    def _outcome(
+        self, agent: AgentRun, state: TaskState, github: GitHub, branch: Branch
+    ) -> Outcome:
+        reason = agent_failure(agent, self.cfg)
         if reason:
-            return self._partial(reason, agent, state, github, pushed)
+            return self._partial(reason, agent, state, github, branch)
         decided = Outcome.load(os.path.join(self.state_dir, OUTCOME_FILE))
         if decided is not None and not decided.transient:
             info("reporting the Stop hook's decision", event=decided.event)
@@ -2415,8 +2435,8 @@ class TaskRun:
             info("the Stop hook's conclusion failed; trying again", error=decided.message)
         with step("conclude"):
             return conclude(
-                state, git, github, last_message=agent.last_text, may_block=False,
-                deadline=time.monotonic() + CONCLUDE_BUDGET, branch=pushed,
+                state, branch.git, github, last_message=agent.last_text, may_block=False,
+                deadline=time.monotonic() + CONCLUDE_BUDGET, branch=branch,
             )  # fmt: skip
 
     def _partial(

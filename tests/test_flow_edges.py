@@ -75,3 +75,11 @@ def test_closed_pr_of_an_earlier_attempt_is_not_named_a_new_one_is_opened(world,
     assert terminal["event"] == "completed", terminal
     assert terminal["details"]["pr_url"] != old["html_url"]
     assert len(github.pulls) == 2
+
+
+def test_agent_that_wrecks_the_clone_gets_a_failed_that_says_so(world, api, github):
+    terminal = world.run("wreck")
+    assert world.code == 0
+    assert terminal["event"] == "failed"
+    assert terminal["message"].startswith("the repository could not be read after the agent's run")
+    assert "internal error" not in terminal["message"]
