@@ -1525,8 +1525,14 @@ class Branch:
     recorded in the state dir, so the hook knows them too.
     """
 
-    def __init__(self, git: Git, state: TaskState, record: str = "") -> None:
-        self.git, self.state, self.record = git, state, record
+    def __init__(
+        self,
+        git: Git,
+        state: TaskState,
+        record: str = "",
+        sleep: Callable[[float], Any] = time.sleep,
+    ) -> None:
+        self.git, self.state, self.record, self.sleep = git, state, record, sleep
         self.remote: str | None = None  # the remote branch's sha as last seen; "": absent
         self.pull_url = ""
         self.lock = threading.Lock()
@@ -1561,7 +1567,7 @@ class Branch:
         if not self.lock.acquire(timeout=max(deadline - time.monotonic(), 0)):
             raise PushError("another push of the branch is still running", transient=True)
         try:
-            return retrying(self._push, deadline, f"pushing {self.state.branch}")
+            return retrying(self._push, deadline, f"pushing {self.state.branch}", self.sleep)
         finally:
             self.lock.release()
 
@@ -1593,8 +1599,9 @@ class Branch:
 
 
 def open_pull(
-    github: GitHub, state: TaskState, *, title: str, body: str, draft: bool, deadline: float
-) -> tuple[dict[str, Any], bool]:
+    github: GitHub, state: TaskState, *, title: str, body: str, draft: bool, deadline: float,
+    sleep: Callable[[float], Any] = time.sleep,
+) -> tuple[dict[str, Any], bool]:  # fmt: skip
     """The open pull request of the branch, opened if there is none: (pull, opened)."""
 
     def attempt() -> tuple[dict[str, Any], bool]:
@@ -1612,7 +1619,7 @@ def open_pull(
                 return pull, False  # opened meanwhile
             raise
 
-    return retrying(attempt, deadline, "opening the pull request")
+    return retrying(attempt, deadline, "opening the pull request", sleep)
 
 
 def _clock(epoch: float) -> str:
@@ -1707,7 +1714,7 @@ def conclude(
         # request found for it (one left by an earlier attempt) holds it.
         branch.push(deadline)
         pull, opened = open_pull(
-            github, state, deadline=deadline, draft=state.pr_draft,
+            github, state, deadline=deadline, draft=state.pr_draft, sleep=branch.sleep,
             # a PR is public: nothing secret goes into it
             title=git.redact(pr_title(state.description)),
             body=git.redact(pr_body(state, last_message)),
@@ -2269,6 +2276,7 @@ class TaskRun:
         # all it starts) so that a signal can stop them wherever they are.
         self.run_id = secrets.token_hex(8)
         self.state_dir = state_dir(ctx.home)
+        self.signalled = ctx.stop.subscribe(threading.Event())
 
     def _reporter(self) -> ShepherdAPI:
         """After a signal the pod is SIGKILLed 30 s later: retry within ~15 s, then say so."""
@@ -2279,20 +2287,29 @@ class TaskRun:
             timeout=(2, 5), redact=self.ctx.redact,
         )  # fmt: skip
 
+    def _sleep(self, seconds: float) -> None:
+        """Waits between retries; a signal during the wait ends the conclusion.
+
+        After a signal, waits are the last push's own, within its budget.
+        """
+        if self.signalled.is_set():
+            time.sleep(seconds)
+        elif self.signalled.wait(seconds):
+            raise Failure(self.ctx.stop.reason)
+
     def _check_stop(self) -> None:
         if self.ctx.stop.signum is not None:
             raise Failure(self.ctx.stop.reason)
 
-    def _on_signal(self, signalled: threading.Event) -> None:
-        signalled.wait()
+    def _on_signal(self) -> None:
+        self.signalled.wait()
         _stand_down(self.ctx.home)  # the Stop hook must not decide after us
         stop_processes(f"SHEPHERD_RUN_ID={self.run_id}".encode())
 
     def execute(self) -> Ending:
         task_id = self.assignment.task_id
         info("task flow started", task_id=task_id)
-        signalled = self.ctx.stop.subscribe(threading.Event())
-        threading.Thread(target=self._on_signal, args=(signalled,), daemon=True).start()
+        threading.Thread(target=self._on_signal, daemon=True).start()
         if not self.api.report_status("started", "runner started the task"):
             warn("continuing without the started status")
         try:
@@ -2389,7 +2406,7 @@ class TaskRun:
             cmd += ["--model", cfg.model]
         env = agent_env(ctx, state, marked, self.assignment.api_url)
         github = github_for(state, token.value)
-        pushed = Branch(git, state, os.path.join(self.state_dir, BRANCH_FILE))
+        pushed = Branch(git, state, os.path.join(self.state_dir, BRANCH_FILE), self._sleep)
         sender = EventSender(self.api.post_events)
         parser = StreamParser(ctx.redact)
         limits = Limits(timeout=cfg.task_timeout, idle=cfg.idle_timeout)

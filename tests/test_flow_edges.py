@@ -7,6 +7,9 @@ GitHub are the loopback fakes.
 
 from __future__ import annotations
 
+import signal
+import time
+
 from test_flow import TASK, world  # noqa: F401
 
 BRANCH = f"shepherd/{TASK}"
@@ -83,3 +86,16 @@ def test_agent_that_wrecks_the_clone_gets_a_failed_that_says_so(world, api, gith
     assert terminal["event"] == "failed"
     assert terminal["message"].startswith("the repository could not be read after the agent's run")
     assert "internal error" not in terminal["message"]
+
+
+def test_sigterm_while_github_is_retried_ends_the_retries_and_reports_at_once(world, api, github):
+    github.fail_next("pulls_create", [503] * 1000)
+    runner = world.start("max-turns")  # the runner keeps the commit in a draft PR itself
+    runner.assign(TASK, api.url)
+    runner.wait_for(r"opening the pull request failed; retrying")
+    start = time.monotonic()
+    runner.proc.send_signal(signal.SIGTERM)
+    assert runner.wait(timeout=30) == 0
+    assert time.monotonic() - start < 10
+    terminal = api.terminal(TASK)
+    assert terminal["message"].startswith("terminated (SIGTERM)"), terminal
