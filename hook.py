@@ -67,7 +67,9 @@ def main(
     budget: float = sr.HOOK_BUDGET,
 ) -> int:
     redact = sr.Redactor([environ.get("GH_TOKEN", ""), environ.get("ANTHROPIC_API_KEY", "")])
-    sr.setup_logging(_log_stream(environ), redact)
+    # Written as the runner writes its own (SHEPHERD_LOG_FORMAT comes from it), task id included.
+    sr.setup_logging(_log_stream(environ), redact, environ.get("SHEPHERD_LOG_FORMAT", "text"))
+    sr.log_context(task_id=environ.get("SHEPHERD_TASK_ID") or None)
     try:
         stdin = stdin or sys.stdin.buffer
         return _hook(argv or [], environ, stdin, stdout or sys.stdout, redact, budget=budget)

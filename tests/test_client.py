@@ -302,7 +302,7 @@ def test_status_body_has_event_message_and_details_as_json(rsps):
     assert json.loads(call.request.body) == {
         "event": "completed",
         "message": "pull request x",
-        "details": {"pr_url": "https://p/1"},
+        "details": {"pr_url": "https://p/1", "prURL": "https://p/1"},  # prURL: the adapter's
     }
 
 
