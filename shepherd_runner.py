@@ -196,7 +196,7 @@ _task_started: dict[str, float] = {}
 
 
 def log_context(**fields: Any) -> None:
-    """Adds `fields` to every later log line (a field the call names again wins)."""
+    """Adds `fields` to the end of every later log line, unless the line names them itself."""
     fields = {k: v for k, v in fields.items() if v is not None}
     if "task_id" in fields:
         _task_started.setdefault(fields["task_id"], time.monotonic())
@@ -240,7 +240,8 @@ class _LogFormatter(logging.Formatter):
         self.json = fmt == "json"
 
     def format(self, record: logging.LogRecord) -> str:
-        fields = {**_log_context, **getattr(record, "fields", {})}
+        fields = getattr(record, "fields", {})
+        fields = {**fields, **{k: v for k, v in _log_context.items() if k not in fields}}
         if self.json:
             stamp = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
             line = {

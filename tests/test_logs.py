@@ -189,26 +189,26 @@ def test_log_format_flag_wins_over_the_environment_and_reaches_the_agent():
 # ---------------------------------------------------------------------------
 
 
-def test_json_line_has_time_level_msg_then_context_then_fields():
+def test_json_line_has_time_level_msg_then_fields_then_context():
     stream = capture("json")
     sr.log_context(task_id="t-1")
     sr.warn("clone done", seconds=0.5, msg="a field named msg", nested={"a": [1, None]})
     [line] = stream.getvalue().splitlines()
     record = json.loads(line)
-    assert list(record) == ["time", "level", "msg", "task_id", "seconds", "field.msg", "nested"]
+    assert list(record) == ["time", "level", "msg", "seconds", "field.msg", "nested", "task_id"]
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", record["time"])
     assert record["level"] == "WARNING" and record["msg"] == "clone done"
     assert record["nested"] == {"a": [1, None]} and record["field.msg"] == "a field named msg"
 
 
-def test_text_line_has_the_context_first_and_an_explicit_task_id_once():
+def test_text_line_ends_with_the_context_and_has_an_explicit_task_id_once():
     stream = capture("text")
     sr.log_context(task_id="t-1")
     sr.info("stop hook", task_id="t-1", hook_event="Stop")
     sr.info("clone done", seconds=0.5)
     first, second = stream.getvalue().splitlines()
     assert first.endswith(" INFO stop hook task_id=t-1 hook_event=Stop")
-    assert second.endswith(" INFO clone done task_id=t-1 seconds=0.5")
+    assert second.endswith(" INFO clone done seconds=0.5 task_id=t-1")
 
 
 def test_json_values_that_are_not_json_become_text():
