@@ -70,11 +70,6 @@ GIT_IDENTITY = ("Shepherd Bot", "shepherd-bot@users.noreply.github.com")
 # The API forwards each /status to its adapter and waits up to 10 s for it
 # before it answers: every read timeout on /status must exceed that.
 API_TIMEOUT = (5, 30)  # (connect, read) seconds for every Shepherd API call
-# After a signal the pod is SIGKILLed 30 s later; stopping the agent's
-# processes (KILL_GRACE) and the event flush (2 s) come first. The terminal
-# report then gets SIGNAL_REPORT_BUDGET seconds in all, retries included.
-SIGNAL_STATUS_TIMEOUT = (2, 12)
-SIGNAL_REPORT_BUDGET = 18.0
 EVENTS_TIMEOUT = (3, 10)  # a stuck events call must not eat the flush deadline
 GITHUB_TIMEOUT = (5, 30)
 GIT_TIMEOUT = 300  # clone of a large repository; every other git call is quick
@@ -94,6 +89,12 @@ TOKEN_SKEW = 30.0  # the token counts as expired this long before expiresAt
 CONCLUDE_BUDGET = 120.0
 HOOK_BUDGET = 20.0
 LAST_PUSH_BUDGET = 5.0
+# After a signal the pod is SIGKILLed 30 s later. Stopping the agent's
+# processes (KILL_GRACE), the event flush (2 s) and the last push come first;
+# the terminal report then gets SIGNAL_REPORT_BUDGET seconds in all, retries
+# included, each try long enough for an adapter that takes its 10 s.
+SIGNAL_STATUS_TIMEOUT = (2, 12)
+SIGNAL_REPORT_BUDGET = 15.0
 STDERR_TAIL_LINES = 40
 MAX_LINE_BYTES = 8 << 20  # one stream-json line; longer ones are skipped
 SUMMARY_LIMIT = 300  # characters in an event summary
@@ -243,9 +244,8 @@ class _LogFormatter(logging.Formatter):
         fields = getattr(record, "fields", {})
         fields = {**fields, **{k: v for k, v in _log_context.items() if k not in fields}}
         if self.json:
-            stamp = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
             line = {
-                "time": stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                "time": _rfc3339(record.created),
                 "level": record.levelname,
                 "msg": self.redact(record.getMessage()),
             }

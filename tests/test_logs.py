@@ -18,6 +18,8 @@ import responses
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_flow import STAND_IN
+from test_hook import TASK as HOOK_TASK
+from test_hook import call_hook, commit, stop_payload, task  # noqa: F401 - task is a fixture
 
 import shepherd_runner as sr
 from harness import Runner, runner_env
@@ -105,7 +107,7 @@ def test_the_task_ends_with_one_summary_line(run, api, github):
     assert int(fields["events_sent"]) == len(api.events(TASK))
     assert fields["events_dropped"] == "0"
     assert float(fields["seconds"]) > 0
-    assert fields["input_tokens"] == fields["output_tokens"] == "null"  # not known yet
+    assert fields["input_tokens"] == fields["output_tokens"] == "0"  # the stand-in has no usage
 
 
 def test_json_format_by_flag_writes_every_line_as_json_the_hooks_too(run, api, github):
@@ -124,7 +126,7 @@ def test_json_format_by_flag_writes_every_line_as_json_the_hooks_too(run, api, g
     assert summary["outcome"] == "completed" and summary["turns"] == 3
     assert summary["cost_usd"] == 0.0123 and summary["events_dropped"] == 0
     assert summary["pr_url"] == github.pulls[0]["html_url"]
-    assert summary["input_tokens"] is None
+    assert summary["input_tokens"] == summary["output_tokens"] == 0
     listening = next(r for r in records if r["msg"] == "listening")
     assert isinstance(listening["pid"], int)
 
@@ -147,13 +149,28 @@ def test_json_format_from_the_environment(tmp_path, api):
     assert records[-1]["msg"] == "stopped before a task was assigned"
 
 
-def test_both_pr_keys_reach_the_api_from_the_hook_and_the_runner(run, api, github):
+def test_both_pr_keys_reach_the_api_in_the_terminal_status(run, api, github):
     run()
     url = github.pulls[0]["html_url"]
-    completed = [s for s in api.statuses(TASK) if s["event"] == "completed"]
-    assert {s["details"]["reported_by"] for s in completed} == {"stop-hook", "shepherd-runner"}
-    for status in completed:
-        assert status["details"]["pr_url"] == status["details"]["prURL"] == url
+    terminal = api.terminal(TASK)
+    assert terminal["details"]["pr_url"] == terminal["details"]["prURL"] == url
+    for status in api.statuses(TASK):
+        details = status.get("details", {})
+        assert details.get("pr_url") == details.get("prURL"), status
+
+
+def test_hook_reporting_alone_writes_json_lines_and_sends_both_pr_keys(task, api, github):
+    # No runner (SHEPHERD_RUNNER_PID unset): the hook reports by itself.
+    commit(task)
+    code, out = call_hook(task.env | {"SHEPHERD_LOG_FORMAT": "json"}, stop_payload())
+    assert (code, out) == (0, "")
+    terminal = api.terminal(HOOK_TASK)
+    assert terminal["details"]["reported_by"] == "stop-hook"
+    assert terminal["details"]["pr_url"] == terminal["details"]["prURL"]
+    assert terminal["details"]["prURL"] == github.pulls[0]["html_url"]
+    records = [json.loads(line) for line in task.log.read_text().splitlines()]
+    assert records and all(r["task_id"] == HOOK_TASK for r in records), records
+    assert {"stop hook", "status reported"} <= {r["msg"] for r in records}
 
 
 # ---------------------------------------------------------------------------
