@@ -89,12 +89,14 @@ TOKEN_SKEW = 30.0  # the token counts as expired this long before expiresAt
 CONCLUDE_BUDGET = 120.0
 HOOK_BUDGET = 20.0
 LAST_PUSH_BUDGET = 5.0
-# After a signal the pod is SIGKILLed 30 s later. Stopping the agent's
-# processes (KILL_GRACE), the event flush (2 s) and the last push come first;
-# the terminal report then gets SIGNAL_REPORT_BUDGET seconds in all, retries
-# included, each try long enough for an adapter that takes its 10 s.
+# After a signal the pod is SIGKILLed POD_GRACE seconds later. Stopping the
+# agent's processes (KILL_GRACE), the event flush (2 s) and the last push come
+# first; the terminal report then gets what is left up to REPORT_BY seconds
+# after the signal, retries included, each try long enough for an adapter
+# that takes its 10 s.
+POD_GRACE = 30.0
+REPORT_BY = POD_GRACE - 3
 SIGNAL_STATUS_TIMEOUT = (2, 12)
-SIGNAL_REPORT_BUDGET = 15.0
 STDERR_TAIL_LINES = 40
 MAX_LINE_BYTES = 8 << 20  # one stream-json line; longer ones are skipped
 SUMMARY_LIMIT = 300  # characters in an event summary
@@ -1294,6 +1296,7 @@ class Stop:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.at = 0.0  # time.monotonic() of the first signal: the pod's grace runs from it
         self._events: list[threading.Event] = []
         self._lock = threading.Lock()
 
@@ -1315,6 +1318,7 @@ class Stop:
     def trigger(self, signum: int) -> None:
         with self._lock:
             self.signum = self.signum or signum
+            self.at = self.at or time.monotonic()
             for event in self._events:
                 event.set()
 
@@ -1641,7 +1645,9 @@ class PushError(Exception):
 # What git says when the server or the network failed, not the request.
 _TRANSIENT_GIT = re.compile(
     r"returned error: (?:429|5\d\d)|could not resolve host|failed to connect|connection "
-    r"(?:refused|reset|timed out)|timed out|early eof|rpc failed|remote end hung up|stale info",
+    r"(?:refused|reset|timed out)|timed out|early eof|rpc failed|remote end hung up|stale info"
+    # Two pushes creating the branch at once (the backup and the hook): one loses.
+    r"|cannot lock ref|reference already exists",
     re.IGNORECASE,
 )
 
@@ -2491,7 +2497,8 @@ class TaskRun:
         """After a signal the pod is SIGKILLed 30 s later: report within the budget, or say so."""
         if self.ctx.stop.signum is None:
             return self.api
-        deadline = time.monotonic() + SIGNAL_REPORT_BUDGET
+        signalled_at = self.ctx.stop.at or time.monotonic()
+        deadline = max(signalled_at + REPORT_BY, time.monotonic() + 2)
         return ShepherdAPI(
             self.assignment.api_url, self.assignment.task_id, retry=api_retry(deadline=deadline),
             timeout=DeadlineTimeout(*SIGNAL_STATUS_TIMEOUT, deadline), redact=self.ctx.redact,

@@ -68,6 +68,8 @@ def test_retries_stop_at_the_deadline():
         ("fatal: unable to access 'https://h/': Could not resolve host: h", True),
         ("fatal: the remote end hung up unexpectedly", True),
         (" ! [rejected]  x -> x (stale info)", True),
+        (" ! [remote rejected] x -> x (cannot lock ref 'refs/heads/x': reference already exists)",
+         True),
         ("git: timed out after 120s", True),
         ("fatal: Authentication failed for 'https://h/o/r.git/'", False),
         ("fatal: unable to access 'https://h/': The requested URL returned error: 403", False),

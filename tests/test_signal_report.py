@@ -20,15 +20,14 @@ ADAPTER_WAIT = 10.0  # the API's timeout on its adapter's callback
 
 
 @pytest.fixture
-def reporter(api, monkeypatch):
-    """A signalled task's reporter; `budget` shortens SIGNAL_REPORT_BUDGET."""
+def reporter(api):
+    """A signalled task's reporter, with `budget` seconds left before REPORT_BY."""
     api.add_task(TASK, repo_url="https://github.com/acme/widgets")
 
-    def make(budget: float | None = None) -> sr.ShepherdAPI:
-        if budget is not None:
-            monkeypatch.setattr(sr, "SIGNAL_REPORT_BUDGET", budget)
+    def make(budget: float = sr.REPORT_BY) -> sr.ShepherdAPI:
         ctx = sr.Context(environ={}, home="/nonexistent")
         ctx.stop.trigger(signal.SIGTERM)
+        ctx.stop.at -= sr.REPORT_BY - budget  # the signal came that much earlier
         cfg = sr.parse_config(["serve"], {})
         return sr.TaskRun(cfg, sr.Assignment(TASK, api.url), ctx)._reporter()
 
@@ -38,9 +37,9 @@ def reporter(api, monkeypatch):
 def test_the_budget_leaves_room_for_the_adapter_and_fits_the_grace_period():
     connect, read = sr.SIGNAL_STATUS_TIMEOUT
     assert read > ADAPTER_WAIT and sr.API_TIMEOUT[1] > ADAPTER_WAIT
-    assert connect + read <= sr.SIGNAL_REPORT_BUDGET
-    # Before the report: the agent's processes get KILL_GRACE, events 2 s, the last push its own.
-    assert sr.KILL_GRACE + 2 + sr.LAST_PUSH_BUDGET + sr.SIGNAL_REPORT_BUDGET <= 30 - 3
+    # Before the report: the agent's processes get KILL_GRACE, events 2 s, the last push its
+    # own; one whole try of the report still fits before REPORT_BY, and that before the SIGKILL.
+    assert sr.KILL_GRACE + 2 + sr.LAST_PUSH_BUDGET + connect + read <= sr.REPORT_BY < sr.POD_GRACE
 
 
 def test_after_a_signal_a_status_the_adapter_holds_10s_is_delivered(reporter, api):
@@ -48,7 +47,7 @@ def test_after_a_signal_a_status_the_adapter_holds_10s_is_delivered(reporter, ap
     start = time.monotonic()
     assert reporter().report_status("failed", "terminated (SIGTERM)", {"error": "x"})
     took = time.monotonic() - start
-    assert ADAPTER_WAIT <= took < sr.SIGNAL_REPORT_BUDGET
+    assert ADAPTER_WAIT <= took < sr.REPORT_BY
     assert api.terminal(TASK)["message"] == "terminated (SIGTERM)"
     assert len(api.statuses(TASK)) == 1  # one try: no read timeout cut it short
 
