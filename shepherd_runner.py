@@ -1979,7 +1979,9 @@ def expired_outcome(state: TaskState, git: Git, branch: Branch, details: dict) -
     if branch.pull_url:
         details["pr_url"] = branch.pull_url
     if later == 0 and branch.pull_url:
-        message = f"pull request {branch.pull_url} (it stays a draft: {when})"
+        # A continued pull request was never the runner's draft.
+        note = "" if state.pull_url else "it stays a draft: "
+        message = f"pull request {branch.pull_url} ({note}{when})"
         return Outcome("completed", message, details)
     message = f"{when}; "
     if later:
