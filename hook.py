@@ -2,13 +2,17 @@
 
 Claude Code runs it when the agent ends its turn (``Stop``) or when an API
 error ends it (``StopFailure``), with the hook's JSON on stdin and the CLI's
-environment. It decides the task's outcome with the same code as the runner's
-fallback (``shepherd_runner.conclude``) and reports it, so the first terminal
-status the API sees is the hook's, told while the agent's last words are known.
+environment. It decides the task's outcome while the agent's last words are
+known, with the same code as the runner (``shepherd_runner.conclude``): it
+may send the agent back once (uncommitted changes), pushes the branch and
+opens the pull request. It hands the outcome to the runner through the state
+dir; the runner reports it after the last event, with the run's metrics. The
+hook reports by itself only when the runner is gone, so that a crashed runner
+still ends in a status.
 
-Exit codes: 0 in every expected case, an unreachable API included (the main
-process is the fallback); 1 for unusable input or an unexpected error. Never
-2: to Claude Code a Stop hook's exit 2 means "do not stop".
+Exit codes: 0 in every expected case, an unreachable API included; 1 for
+unusable input or an unexpected error. Never 2: to Claude Code a Stop hook's
+exit 2 means "do not stop".
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Mapping
 from typing import IO, Any
 
@@ -59,11 +64,15 @@ def main(
     environ: Mapping[str, str] = os.environ,
     stdin: IO[bytes] | None = None,
     stdout: IO[str] | None = None,
+    budget: float = sr.HOOK_BUDGET,
 ) -> int:
     redact = sr.Redactor([environ.get("GH_TOKEN", ""), environ.get("ANTHROPIC_API_KEY", "")])
-    sr.setup_logging(_log_stream(environ), redact)
+    # Written as the runner writes its own (SHEPHERD_LOG_FORMAT comes from it), task id included.
+    sr.setup_logging(_log_stream(environ), redact, environ.get("SHEPHERD_LOG_FORMAT", "text"))
+    sr.log_context(task_id=environ.get("SHEPHERD_TASK_ID") or None)
     try:
-        return _hook(argv or [], environ, stdin or sys.stdin.buffer, stdout or sys.stdout, redact)
+        stdin = stdin or sys.stdin.buffer
+        return _hook(argv or [], environ, stdin, stdout or sys.stdout, redact, budget=budget)
     except Exception as exc:  # a traceback would be noise to Claude Code; say why
         sr.error("stop hook failed", error=f"{type(exc).__name__}: {exc}")
         return EXIT_BAD_INPUT
@@ -71,7 +80,7 @@ def main(
 
 def _hook(
     argv: list[str], environ: Mapping[str, str], stdin: IO[bytes], stdout: IO[str],
-    redact: sr.Redactor,
+    redact: sr.Redactor, *, budget: float,
 ) -> int:  # fmt: skip
     if argv:
         sr.error("stop hook takes no arguments", argv=argv)
@@ -96,35 +105,53 @@ def _hook(
     try:
         state = sr.TaskState.load(os.path.join(state_dir, sr.STATE_FILE))
     except (OSError, ValueError, TypeError) as exc:
-        sr.error("stop hook has no task state; the runner will report", error=str(exc))
+        sr.error("stop hook has no task state; the runner will decide", error=str(exc))
         return EXIT_OK
 
-    api = sr.ShepherdAPI(
-        api_url, task_id, retry=sr.api_retry(**HOOK_RETRY), redact=redact,
-        token_retries=sr.token_retry(total=0),
-    )  # fmt: skip
     if event == "StopFailure":
         # An API error ended the turn: `error` is its kind (server_error,
         # unknown...), the CLI's own words are the last assistant message.
         kind = str(payload.get("error") or "unknown")
         words = str(payload.get("last_assistant_message") or "").strip()
         message = sr.clip(f"the agent stopped on a model API error ({kind}): {words}", 600)
-        api.report_status("failed", message, {"error": message, "reported_by": "stop-hook"})
-        return EXIT_OK
-
-    git = sr.Git(state.repo_dir, environ, redact)
-    outcome = sr.conclude(
-        state, git, sr.github_for(state, environ.get("GH_TOKEN", "")),
-        last_message=str(payload.get("last_assistant_message") or ""), may_block=not again,
-    )  # fmt: skip
+        outcome = sr.Outcome("failed", message, {"error": message})
+    else:
+        git = sr.Git(state.repo_dir, environ, redact)
+        branch = sr.Branch(git, state, os.path.join(state_dir, sr.BRANCH_FILE))
+        outcome = sr.conclude(
+            state, git, sr.github_for(state, environ.get("GH_TOKEN", "")),
+            last_message=str(payload.get("last_assistant_message") or ""),
+            may_block=not again, deadline=time.monotonic() + budget, branch=branch,
+        )  # fmt: skip
     if outcome.event == "block":
         sr.info("stop hook asks the agent to go on", reason=outcome.message)
         print(json.dumps({"decision": "block", "reason": outcome.message}), file=stdout)
         return EXIT_OK
+    outcome.save(os.path.join(state_dir, sr.OUTCOME_FILE))
+    sr.info("stop hook decided", event=outcome.event, transient=outcome.transient)
+    if _alive(environ.get("SHEPHERD_RUNNER_PID", "")):
+        return EXIT_OK  # the runner reports it, after the last event
+    sr.warn("the runner is gone; the stop hook reports by itself")
+    api = sr.ShepherdAPI(
+        api_url, task_id, retry=sr.api_retry(**HOOK_RETRY), redact=redact,
+        token_retries=sr.token_retry(total=0),
+    )  # fmt: skip
     api.report_status(
         outcome.event, outcome.message, {**outcome.details, "reported_by": "stop-hook"}
     )
     return EXIT_OK
+
+
+def _alive(pid: str) -> bool:
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
 
 
 if __name__ == "__main__":

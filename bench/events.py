@@ -149,7 +149,7 @@ def worker(cfg: dict) -> dict:
     start = time.perf_counter()
     run = sr.run_agent(
         cmd + ["--stats", stats], cwd=HERE, env=env, sender=sender, parser=parser,
-        stop=sr.Stop(), timeout=None,
+        stop=sr.Stop(), limits=sr.Limits(),
     )  # fmt: skip
     read_done = time.perf_counter()
     counts = sender.close(cfg.get("close_timeout", sr.EVENT_FLUSH_DEADLINE))

@@ -39,6 +39,8 @@ METHODS = {"/data": "GET", "/token": "GET", "/status": "POST", "/events": "POST"
 class _Task:
     data: dict
     token: str
+    token_ttl: float = 3600.0
+    expires_at: datetime | None = None  # fixed by add_task, or when the token is issued
     token_issued: bool = False
     terminal: dict | None = None
     statuses: list = field(default_factory=list)
@@ -189,8 +191,20 @@ class FakeShepherd(LoopbackServer):
         context="Some context",
         source_url="https://github.com/o/r/issues/1",
         token=None,
+        token_ttl=3600.0,
+        expires_at=None,
     ) -> str:
-        """Register a task; returns its installation token (random unless given)."""
+        """Register a task; returns its installation token (random unless given).
+
+        /token announces `expiresAt` as `token_ttl` seconds after it is issued,
+        or as the fixed, timezone-aware `expires_at`. Either way it is cut to
+        whole seconds, as GitHub's `expires_at` is; token_expires_at() gives the
+        exact instant, to hand to FakeGitHub.expire_token_at().
+        """
+        if expires_at is not None:
+            if expires_at.tzinfo is None:
+                raise ValueError("expires_at must be timezone-aware")
+            expires_at = _whole_seconds(expires_at)
         # Empty optional fields are left out, as the Go server's omitempty does.
         repo = {"url": repo_url, **({"ref": ref} if ref else {})}
         data = {"description": description, "context": context, "repo": repo}
@@ -198,7 +212,9 @@ class FakeShepherd(LoopbackServer):
             data["sourceURL"] = source_url
         token = token or "ghs_" + secrets.token_hex(18)
         with self._cond:
-            self._tasks[task_id] = _Task(data=data, token=token)
+            self._tasks[task_id] = _Task(
+                data=data, token=token, token_ttl=token_ttl, expires_at=expires_at
+            )
         return token
 
     def statuses(self, task_id) -> list[dict]:
@@ -220,6 +236,12 @@ class FakeShepherd(LoopbackServer):
     def token_issued(self, task_id) -> bool:
         with self._cond:
             return self._tasks[task_id].token_issued
+
+    def token_expires_at(self, task_id) -> datetime | None:
+        """The `expiresAt` /token announces (UTC): known from add_task when it got
+        `expires_at`, otherwise once the token is issued (None before)."""
+        with self._cond:
+            return self._tasks[task_id].expires_at
 
     def wait_terminal(self, task_id, timeout=30) -> dict:
         with self._cond:
@@ -330,8 +352,12 @@ class FakeShepherd(LoopbackServer):
             if task.token_issued:
                 return _error(409, "token already issued")
             task.token_issued = True  # burnt before answering, like upstream
-            expires = datetime.now(UTC) + timedelta(hours=1)
-            return 200, {"token": task.token, "expiresAt": expires.strftime("%Y-%m-%dT%H:%M:%SZ")}
+            if task.expires_at is None:
+                task.expires_at = _whole_seconds(
+                    datetime.now(UTC) + timedelta(seconds=task.token_ttl)
+                )
+            expires = task.expires_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+            return 200, {"token": task.token, "expiresAt": expires}
 
     def _status(self, task_id, body):
         if body is None:
@@ -391,6 +417,10 @@ class FakeShepherd(LoopbackServer):
             task.event_posts += 1
             self._cond.notify_all()
         return 200, {"status": "accepted"}
+
+
+def _whole_seconds(when):
+    return when.astimezone(UTC).replace(microsecond=0)
 
 
 def _is_json(content_type):

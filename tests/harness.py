@@ -16,6 +16,10 @@ from conftest import ROOT
 class Runner:
     """`python -m shepherd_runner serve` on 127.0.0.1:0, its stdout collected."""
 
+    # The "listening" line, and its port, in the text log format.
+    LISTENING = r" listening addr="
+    PORT = r"addr=\S*:(\d+)"
+
     def __init__(self, env: dict[str, str], *, argv: tuple[str, ...] = (), echo: bool = False):
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "shepherd_runner", "serve", *argv],
@@ -30,8 +34,8 @@ class Runner:
         self.cond = threading.Condition()
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
-        line = self.wait_for(r" listening addr=")
-        self.port = int(re.search(r"addr=\S*:(\d+)", line)[1])
+        line = self.wait_for(self.LISTENING)
+        self.port = int(re.search(self.PORT, line)[1])
 
     def _read(self) -> None:
         for line in self.proc.stdout:

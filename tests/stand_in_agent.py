@@ -172,6 +172,11 @@ def main():
         commit()
         stop("Done.")
         result("Done.")
+    elif scenario == "wreck":
+        commit()
+        bash("rm -rf .git")
+        stop("I removed the repository's history.")
+        result("I removed the repository's history.")
     elif scenario == "hang":
         # A command in a session of its own, as the CLI's Bash tool does, and
         # the Stop hook run on SIGTERM, as the CLI may.

@@ -151,7 +151,7 @@ def test_data_malformed_body_is_an_api_error(rsps, body):
 def test_token_200_returns_it_and_adds_it_to_the_redactor(rsps):
     rsps.get(f"{BASE}/token", json={"token": TOKEN, "expiresAt": "2026-11-23T11:00:00Z"})
     redact = sr.Redactor()
-    assert make_api(redact=redact).fetch_token() == TOKEN
+    assert make_api(redact=redact).fetch_token().value == TOKEN
     # From now on every log line and status the runner sends hides it.
     assert redact(f"git push https://x:{TOKEN}@h failed, token={TOKEN}") == (
         f"git push https://{sr.Redactor.MASK}@h failed, token={sr.Redactor.MASK}"
@@ -261,7 +261,7 @@ def test_token_is_retried_after_a_refused_connection(api, refuse_connections):
         api.url, TASK, token_retries=sr.token_retry(total=2, backoff=0),
         retry=sr.api_retry(total=3, backoff=0),
     )  # fmt: skip
-    assert client.fetch_token() == token
+    assert client.fetch_token().value == token
     assert state["refused"] == 1
     assert token_requests(api) == 1
 
@@ -302,7 +302,7 @@ def test_status_body_has_event_message_and_details_as_json(rsps):
     assert json.loads(call.request.body) == {
         "event": "completed",
         "message": "pull request x",
-        "details": {"pr_url": "https://p/1"},
+        "details": {"pr_url": "https://p/1", "prURL": "https://p/1"},  # prURL: the adapter's
     }
 
 
@@ -426,13 +426,13 @@ def make_github(url: str = "https://github.com/acme/widgets.git") -> sr.GitHub:
     return sr.GitHub(sr.parse_repo_url(url), GH_TOKEN)
 
 
-def test_find_pull_queries_head_owner_branch_with_state_all_and_bearer(rsps):
+def test_find_pull_queries_open_pulls_of_head_owner_branch_with_bearer(rsps):
     pull = {"number": 7, "html_url": "https://github.com/acme/widgets/pull/7"}
     rsps.get(
         f"{GH}/pulls",
         json=[pull],
         match=[
-            matchers.query_param_matcher({"head": f"acme:{BRANCH}", "state": "all"}),
+            matchers.query_param_matcher({"head": f"acme:{BRANCH}", "state": "open"}),
             matchers.header_matcher({"Authorization": f"Bearer {GH_TOKEN}"}),
         ],
     )

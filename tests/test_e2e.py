@@ -77,7 +77,9 @@ def e2e(tmp_path, home, api, github, token, claude_bin):
         world.model.stop()
 
 
-def test_success_is_reported_by_the_stop_hook_and_the_ui_sees_ordered_events(e2e, api, github):
+def test_success_decided_by_the_hook_is_reported_once_after_every_event_with_metrics(
+    e2e, api, github
+):
     script = [
         {"text": "Let me look at the README first.", **READ},
         CHANGE[1],
@@ -87,22 +89,24 @@ def test_success_is_reported_by_the_stop_hook_and_the_ui_sees_ordered_events(e2e
     ]  # fmt: skip
     terminal = e2e.finish(script)
     assert e2e.code == 0, e2e.runner.output
+    assert [s["event"] for s in api.statuses(TASK)] == ["started", "completed"]
     assert terminal["event"] == "completed", api.statuses(TASK)
-    # Only the hook sets reported_by=stop-hook, and its log line is in the pod log.
-    assert terminal["details"]["reported_by"] == "stop-hook"
+    # The hook decided (its log line is in the pod log); the runner reported.
+    details = terminal["details"]
+    assert (details["decided_by"], details["reported_by"]) == ("stop-hook", "shepherd-runner")
     assert " INFO stop hook task_id=e2e-task hook_event=Stop" in e2e.runner.output
     [pull] = github.pulls
-    assert terminal["details"]["pr_url"] == pull["html_url"]
+    assert details["pr_url"] == pull["html_url"]
     assert pull["body"].startswith("I updated the greeting in README.md and committed it.")
     assert github.log("acme", "widgets", BRANCH)[0] == "Update greeting"
-    fallback = api.statuses(TASK)[-1]
-    assert fallback["details"]["reported_by"] == "shepherd-runner"
-    assert fallback["_accepted_as"] == "already-notified"
-    assert fallback["details"]["num_turns"] >= 5 and "session_id" in fallback["details"]
+    assert details["num_turns"] >= 5 and details["session_id"] and details["cost_usd"] > 0
+    assert details["duration_ms"] > 0 and details["events_dropped"] == 0
+    # The scripted model reports 10 input tokens per reply (tests/fake_model.py).
+    assert details["usage"]["input_tokens"] == 10 * 5, details["usage"]
 
     events = api.events(TASK)
     assert [e["sequence"] for e in events] == list(range(1, len(events) + 1))
-    assert fallback["details"]["events_sent"] == len(events)
+    assert details["events_sent"] == len(events)
     ui = [(e["type"], e.get("tool"), e["summary"]) for e in events]
     assert ui == [
         ("thinking", None, "Let me look at the README first."),
@@ -137,8 +141,11 @@ def test_no_changes_fails_with_the_agents_explanation(e2e, api, github):
     assert terminal["event"] == "failed"
     assert terminal["message"] == "no changes made"
     assert terminal["details"]["error"] == "I cannot do this: README.md has no greeting to fix."
-    assert terminal["details"]["reported_by"] == "stop-hook"
+    assert terminal["details"]["decided_by"] == "stop-hook"
     assert github.pulls == []
+    # The agent's only event reached the API before the status that closes its stream.
+    assert [e["type"] for e in api.events(TASK)] == ["thinking"]
+    assert terminal["details"]["events_sent"] == 1
 
 
 def test_turn_limit_fails_naming_it(e2e, api):

@@ -2,10 +2,12 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import threading
-from datetime import datetime
+import time
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 import requests
@@ -365,8 +367,12 @@ def list_pulls(github, **params):
     return api(github, "GET", "/repos/o/r/pulls", params=params).json()
 
 
+def api_headers(token=TOKEN):
+    return {"Authorization": f"Bearer {token}", "Accept": "application/vnd.github+json"}
+
+
 def api(github, method, path, token=TOKEN, **kwargs):
-    headers = {"Authorization": f"Bearer {token}", "Accept": "application/vnd.github+json"}
+    headers = api_headers(token)
     return requests.request(method, github.api_url + path, headers=headers, timeout=5, **kwargs)
 
 
@@ -589,3 +595,382 @@ def test_rest_fail_next(github, home, tmp_path):
     assert api(github, "POST", "/repos/o/r/pulls", json=pr).status_code == 201
     with pytest.raises(ValueError):
         github.fail_next("nope", [500])
+
+
+# -- token expiry ------------------------------------------------------------------
+
+
+def parse_rfc3339(text):
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def test_token_expires_after_its_ttl(shepherd):
+    shepherd.add_task("t", repo_url="u", token_ttl=20)
+    assert shepherd.token_expires_at("t") is None  # fixed when the token is issued
+    before = datetime.now(UTC)
+    answer = requests.get(task_url(shepherd, "t", "/token"), timeout=5).json()
+    after = datetime.now(UTC)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", answer["expiresAt"])
+    expires = parse_rfc3339(answer["expiresAt"])
+    assert expires == shepherd.token_expires_at("t")
+    # Cut to whole seconds, like GitHub's expires_at.
+    assert before + timedelta(seconds=19) <= expires <= after + timedelta(seconds=20)
+
+
+def test_fixed_token_expiry_is_known_before_the_token_is_issued(shepherd):
+    when = datetime(2031, 5, 6, 7, 8, 9, 654321, tzinfo=timezone(timedelta(hours=2)))
+    shepherd.add_task("t", repo_url="u", expires_at=when)
+    assert shepherd.token_expires_at("t") == when.replace(microsecond=0)
+    answer = requests.get(task_url(shepherd, "t", "/token"), timeout=5).json()
+    assert answer["expiresAt"] == "2031-05-06T05:08:09Z"
+    with pytest.raises(ValueError, match="timezone-aware"):
+        shepherd.add_task("naive", repo_url="u", expires_at=datetime(2031, 1, 1))
+
+
+def test_expired_token_is_refused_by_git_and_rest(github, home, tmp_path):
+    url = github.create_repo("o", "r")
+    env = git_env(home, TOKEN)
+    github.expire_token_at(time.monotonic() + 600)
+    git("clone", url, tmp_path / "w", env=env)
+    assert api(github, "GET", "/repos/o/r").status_code == 200
+    assert github.requests_after_expiry() == []
+
+    n_git, n_api = len(github.git_requests), len(github.api_requests)
+    github.expire_token_at(datetime.now(UTC))
+    git("commit", "--allow-empty", "-m", "late", cwd=tmp_path / "w", env=env)
+    out = git("push", "origin", "HEAD:refs/heads/late", cwd=tmp_path / "w", env=env, check=False)
+    assert out.returncode != 0
+    assert github.branch_sha("o", "r", "late") is None
+    r = api(github, "GET", "/repos/o/r/pulls")
+    assert (r.status_code, r.json()) == (401, {"message": "Bad credentials"})
+    # GitHub answers a bad password with the Basic challenge again.
+    r = requests.get(
+        f"{url}/info/refs?service=git-upload-pack", auth=("x-access-token", TOKEN), timeout=5
+    )
+    assert r.status_code == 401
+    assert r.headers["WWW-Authenticate"].startswith("Basic ")
+
+    late = github.requests_after_expiry()
+    made_later = github.git_requests[n_git:] + github.api_requests[n_api:]
+    assert sorted(map(id, late)) == sorted(map(id, made_later))
+    assert [r["at"] for r in late] == sorted(r["at"] for r in late)
+    assert {r["status"] for r in late} == {401}
+    assert [r["path"] for r in late if r["token_expired"]] == [
+        "/o/r.git/info/refs",  # the push, after its anonymous first try
+        "/api/v3/repos/o/r/pulls",
+        "/o/r.git/info/refs",
+    ]
+    assert not any(r["authorized"] for r in late)
+
+    github.expire_token_at(None)
+    assert api(github, "GET", "/repos/o/r").status_code == 200
+    with pytest.raises(ValueError, match="timezone-aware"):
+        github.expire_token_at(datetime(2030, 1, 1))
+    with pytest.raises(TypeError):
+        github.expire_token_at("soon")
+
+
+def test_github_expiry_can_be_tied_to_the_api_expires_at(shepherd, github):
+    github.create_repo("o", "r")
+    shepherd.add_task(
+        "t", repo_url="u", token=TOKEN, expires_at=datetime.now(UTC) + timedelta(seconds=20)
+    )
+    github.expire_token_at(shepherd.token_expires_at("t"))
+    answer = requests.get(task_url(shepherd, "t", "/token"), timeout=5).json()
+    assert github.token_valid_until == parse_rfc3339(answer["expiresAt"])
+    assert api(github, "GET", "/repos/o/r", token=answer["token"]).status_code == 200
+    # The same token, once that instant has passed.
+    github.expire_token_at(time.monotonic() - 1)
+    assert api(github, "GET", "/repos/o/r", token=answer["token"]).status_code == 401
+
+
+# -- pull requests in full, review comments ---------------------------------------
+
+
+def test_get_pull_shows_current_head_and_base(github):
+    github.create_repo("o", "r")
+    head_sha = github.commit_to("o", "r", "feature", {"a.txt": "a\n"}, message="Add a")
+    added = github.add_pull("o", "r", "feature", title="Add a", body="Why", draft=True)
+    assert added["number"] == 1
+
+    r = api(github, "GET", "/repos/o/r/pulls/1")
+    assert r.status_code == 200
+    pull = r.json()
+    assert {k: pull[k] for k in ("number", "state", "merged", "draft", "title", "body")} == {
+        "number": 1,
+        "state": "open",
+        "merged": False,
+        "draft": True,
+        "title": "Add a",
+        "body": "Why",
+    }
+    assert pull["html_url"] == f"{github.url}/o/r/pull/1"
+    assert (pull["merged_at"], pull["closed_at"]) == (None, None)
+    assert parse_rfc3339(pull["created_at"]).tzinfo is not None
+    assert pull["head"] == {
+        "label": "o:feature",
+        "ref": "feature",
+        "sha": head_sha,
+        "repo": {
+            "full_name": "o/r",
+            "name": "r",
+            "owner": {"login": "o"},
+            "fork": False,
+            "html_url": f"{github.url}/o/r",
+            "clone_url": f"{github.url}/o/r.git",
+        },
+    }
+    assert pull["base"]["ref"] == "main" and pull["base"]["label"] == "o:main"
+    assert pull["base"]["sha"] == github.branch_sha("o", "r", "main")
+    assert pull["base"]["repo"]["full_name"] == "o/r"
+
+    # The shas are read when asked: a later push shows.
+    newer = github.commit_to("o", "r", "feature", {"b.txt": "b\n"})
+    assert api(github, "GET", "/repos/o/r/pulls/1").json()["head"]["sha"] == newer
+    [listed] = list_pulls(github, head="o:feature")
+    assert listed["head"]["sha"] == newer and listed["head"]["repo"]["full_name"] == "o/r"
+    assert (listed["merged_at"], listed["draft"]) == (None, True)
+    assert "merged" not in listed  # only the single pull request has it, as on GitHub
+
+    for path in ("/repos/o/r/pulls/2", "/repos/o/missing/pulls/1"):
+        r = api(github, "GET", path)
+        assert (r.status_code, r.json()) == (404, {"message": "Not Found"})
+    assert api(github, "GET", "/repos/o/r/pulls/1", token="wrong").status_code == 401
+
+
+def test_closed_and_merged_pulls(github):
+    github.create_repo("o", "r")
+    github.add_pull("o", "r", "open-one")
+    github.add_pull("o", "r", "closed-one", state="closed")
+    github.add_pull("o", "r", "merged-one", state="closed", merged=True)
+    closed = github.close_pull("o", "r", 1, merged=True)
+    assert closed["state"] == "closed"
+
+    pulls = [api(github, "GET", f"/repos/o/r/pulls/{n}").json() for n in (1, 2, 3)]
+    assert [(p["state"], p["merged"]) for p in pulls] == [
+        ("closed", True),
+        ("closed", False),
+        ("closed", True),
+    ]
+    assert pulls[1]["merged_at"] is None and pulls[1]["closed_at"] is not None
+    assert pulls[2]["merged_at"] == pulls[2]["closed_at"]
+    assert list_pulls(github) == []
+    listed = list_pulls(github, state="closed")
+    assert [(p["number"], p["merged_at"] is not None) for p in listed] == [
+        (1, True),
+        (2, False),
+        (3, True),
+    ]
+    assert [p["state"] for p in github.pulls] == ["closed"] * 3
+
+    with pytest.raises(ValueError, match="closed"):
+        github.add_pull("o", "r", "x", merged=True)
+    with pytest.raises(ValueError, match="state"):
+        github.add_pull("o", "r", "x", state="merged")
+    with pytest.raises(KeyError):
+        github.close_pull("o", "r", 9)
+
+
+def test_pull_from_a_fork(github):
+    github.create_repo("o", "r")
+    github.create_repo("forker", "r")
+    fork_sha = github.commit_to("forker", "r", "patch-1", {"fix.txt": "fix\n"})
+    github.add_pull("o", "r", "patch-1", head_repo="forker/r")
+    github.add_pull("o", "r", "gone", head_repo="ghost/r")
+
+    head = api(github, "GET", "/repos/o/r/pulls/1").json()["head"]
+    assert (head["label"], head["ref"], head["sha"]) == ("forker:patch-1", "patch-1", fork_sha)
+    assert head["repo"]["full_name"] == "forker/r" and head["repo"]["fork"] is True
+    assert head["repo"]["clone_url"] == f"{github.url}/forker/r.git"
+    # A fork that is just a name has no branch to read.
+    head = api(github, "GET", "/repos/o/r/pulls/2").json()["head"]
+    assert (head["label"], head["sha"], head["repo"]["full_name"]) == (
+        "ghost:gone",
+        None,
+        "ghost/r",
+    )
+
+    assert [p["number"] for p in list_pulls(github, head="forker:patch-1")] == [1]
+    assert list_pulls(github, head="o:patch-1") == []
+
+
+def test_review_comments(github):
+    github.create_repo("o", "r")
+    sha = github.commit_to("o", "r", "feature", {"app.py": "x = 1\n"})
+    github.add_pull("o", "r", "feature")
+    github.add_pull("o", "r", "other")
+    first = github.add_review_comment("o", "r", 1, "app.py", 1, "Name this better", user="ana")
+    reply = github.add_review_comment(
+        "o", "r", 1, "app.py", 1, "Agreed", user="bo", in_reply_to=first["id"]
+    )
+    old = github.add_review_comment(
+        "o",
+        "r",
+        1,
+        "gone.py",
+        None,
+        "Outdated",
+        original_line=7,
+        created_at=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
+    )
+
+    r = api(github, "GET", "/repos/o/r/pulls/1/comments")
+    assert r.status_code == 200
+    assert r.json() == [first, reply, old]
+    assert first["html_url"] == f"{github.url}/o/r/pull/1#discussion_r{first['id']}"
+    assert {k: first[k] for k in ("path", "line", "original_line", "body", "commit_id")} == {
+        "path": "app.py",
+        "line": 1,
+        "original_line": 1,
+        "body": "Name this better",
+        "commit_id": sha,
+    }
+    assert first["user"]["login"] == "ana" and first["created_at"] == first["updated_at"]
+    assert "in_reply_to_id" not in first and reply["in_reply_to_id"] == first["id"]
+    assert (old["line"], old["original_line"], old["created_at"]) == (
+        None,
+        7,
+        "2026-01-02T03:04:05Z",
+    )
+    assert len({first["id"], reply["id"], old["id"]}) == 3
+
+    assert api(github, "GET", "/repos/o/r/pulls/2/comments").json() == []
+    r = api(github, "GET", "/repos/o/r/pulls/3/comments")
+    assert (r.status_code, r.json()) == (404, {"message": "Not Found"})
+    with pytest.raises(KeyError):
+        github.add_review_comment("o", "r", 3, "a", 1, "b")
+
+
+def test_lists_are_paged_like_github(github):
+    github.create_repo("o", "r")
+    github.add_pull("o", "r", "feature")
+    for i in range(35):
+        github.add_review_comment("o", "r", 1, "a.py", i + 1, f"comment {i}")
+    path = "/repos/o/r/pulls/1/comments"
+    first = api(github, "GET", path)
+    assert len(first.json()) == 30  # GitHub's default page size
+    assert first.links["next"]["url"] == f"{github.api_url}{path}?page=2"
+    assert first.links["last"]["url"] == f"{github.api_url}{path}?page=2"
+    second = requests.get(first.links["next"]["url"], headers=api_headers(), timeout=5)
+    assert [c["body"] for c in second.json()] == [f"comment {i}" for i in range(30, 35)]
+    assert "next" not in second.links and "prev" in second.links
+    everything = api(github, "GET", path, params={"per_page": 100})
+    assert len(everything.json()) == 35 and "Link" not in everything.headers
+
+
+# -- more faults -------------------------------------------------------------------
+
+
+def test_fail_next_for_pull_reads(github):
+    github.create_repo("o", "r")
+    github.add_pull("o", "r", "feature")
+    github.fail_next("pulls_get", [500])
+    github.fail_next("pull_comments", [503, "drop"])
+    assert api(github, "GET", "/repos/o/r/pulls/1").status_code == 500
+    assert api(github, "GET", "/repos/o/r/pulls/1").status_code == 200
+    assert api(github, "GET", "/repos/o/r/pulls/1/comments").status_code == 503
+    with pytest.raises(requests.ConnectionError):
+        api(github, "GET", "/repos/o/r/pulls/1/comments")
+    assert api(github, "GET", "/repos/o/r/pulls/1/comments").status_code == 200
+    assert [q["fault"] for q in github.api_requests] == [500, None, 503, "drop", None]
+    for kind, fault in (("pulls_get", "later"), ("git_push", "lost"), ("git", "drop-after")):
+        with pytest.raises(ValueError, match="bad fault"):
+            github.fail_next(kind, [fault])
+
+
+def test_lost_answer_to_pull_creation_still_creates_it(github, home, tmp_path):
+    github.create_repo("o", "r")
+    push_branch(github, home, tmp_path, "one")
+    push_branch(github, home, tmp_path, "two")
+    github.fail_next("pulls_create", ["lost", "drop-after"])
+    r = api(github, "POST", "/repos/o/r/pulls", json={"title": "t", "head": "one", "base": "main"})
+    assert (r.status_code, r.json()) == (502, {"message": "Server Error"})
+    with pytest.raises(requests.ConnectionError):
+        api(github, "POST", "/repos/o/r/pulls", json={"title": "t", "head": "two", "base": "main"})
+    assert [(p["number"], p["head"]) for p in github.pulls] == [(1, "one"), (2, "two")]
+    # So a client that asks again is told it exists, and can find it.
+    r = api(github, "POST", "/repos/o/r/pulls", json={"title": "t", "head": "one", "base": "main"})
+    assert r.status_code == 422
+    assert [p["number"] for p in list_pulls(github, head="o:two")] == [2]
+
+
+def test_git_push_fault_spares_clone_and_fetch(github, home, tmp_path):
+    url = github.create_repo("o", "r")
+    env = git_env(home, TOKEN)
+    work = tmp_path / "w"
+    github.fail_next("git_push", [503, "drop"])
+    git("clone", url, work, env=env)
+    git("fetch", "origin", cwd=work, env=env)
+    assert not any(r["fault"] for r in github.git_requests)
+    git("commit", "--allow-empty", "-m", "c", cwd=work, env=env)
+    for fault in (503, "drop"):
+        out = git("push", "origin", "HEAD:refs/heads/b", cwd=work, env=env, check=False)
+        assert out.returncode != 0, fault
+        assert github.git_requests[-1]["fault"] == fault
+        assert github.branch_sha("o", "r", "b") is None
+    git("push", "origin", "HEAD:refs/heads/b", cwd=work, env=env)
+    assert (
+        github.branch_sha("o", "r", "b")
+        == git("rev-parse", "HEAD", cwd=work, env=env).stdout.strip()
+    )
+
+
+# -- pushes and someone else's commits ------------------------------------------------
+
+
+def test_pushes_are_recorded_with_forced_updates(github, home, tmp_path):
+    url = github.create_repo("o", "r")
+    env = git_env(home, TOKEN)
+    work = tmp_path / "w"
+    git("clone", url, work, env=env)
+
+    def head():
+        return git("rev-parse", "HEAD", cwd=work, env=env).stdout.strip()
+
+    git("commit", "--allow-empty", "-m", "one", cwd=work, env=env)
+    first = head()
+    git("push", "origin", "HEAD:b", "HEAD:refs/heads/c", cwd=work, env=env)
+    git("commit", "--allow-empty", "-m", "two", cwd=work, env=env)
+    second = head()
+    git("push", "origin", "HEAD:b", cwd=work, env=env)
+    git("commit", "--amend", "--allow-empty", "-m", "two, amended", cwd=work, env=env)
+    amended = head()
+    git("push", "--force", "origin", "HEAD:b", cwd=work, env=env)
+    git("push", "origin", ":c", cwd=work, env=env)
+
+    assert [{k: p[k] for k in ("repo", "ref", "old", "new", "forced")} for p in github.pushes] == [
+        {"repo": "o/r", "ref": "refs/heads/b", "old": None, "new": first, "forced": False},
+        {"repo": "o/r", "ref": "refs/heads/c", "old": None, "new": first, "forced": False},
+        {"repo": "o/r", "ref": "refs/heads/b", "old": first, "new": second, "forced": False},
+        {"repo": "o/r", "ref": "refs/heads/b", "old": second, "new": amended, "forced": True},
+        {"repo": "o/r", "ref": "refs/heads/c", "old": first, "new": None, "forced": False},
+    ]
+    assert all(p["at"].tzinfo is not None for p in github.pushes)
+
+
+def test_commit_to_races_a_clone(github, home, tmp_path):
+    url = github.create_repo("o", "r")
+    env = git_env(home, TOKEN)
+    work = tmp_path / "w"
+    base = github.commit_to("o", "r", "pr", {"src/a.txt": "a\n"}, message="Start the PR")
+    assert github.log("o", "r", "pr") == ["Start the PR", "Initial commit"]
+    git("clone", "--branch", "pr", url, work, env=env)
+    assert (work / "src/a.txt").read_text() == "a\n"
+
+    theirs = github.commit_to("o", "r", "pr", {"b.txt": "b\n"}, message="Theirs")
+    assert github.branch_sha("o", "r", "pr") == theirs
+    assert github.log("o", "r", "pr")[:2] == ["Theirs", "Start the PR"]
+    author = git("log", "-1", "--format=%an", theirs, cwd=github.root / "o/r.git", env=env)
+    assert author.stdout.strip() == "Someone Else"
+    assert github.pushes == []  # someone else's pushes are not the client's
+
+    git("commit", "--allow-empty", "-m", "mine", cwd=work, env=env)
+    out = git("push", "origin", "pr", cwd=work, env=env, check=False)
+    assert out.returncode != 0 and "rejected" in out.stderr
+    out = git(
+        "push", f"--force-with-lease=pr:{base}", "origin", "pr", cwd=work, env=env, check=False
+    )
+    assert out.returncode != 0  # the lease is stale: their commit stays
+    out = git("push", "--force-with-lease", "origin", "pr", cwd=work, env=env, check=False)
+    assert out.returncode != 0
+    assert github.branch_sha("o", "r", "pr") == theirs and github.pushes == []

@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+import shepherd_runner as sr
 from harness import Runner, runner_env
 
 STAND_IN = str(pathlib.Path(__file__).with_name("stand_in_agent.py"))
@@ -62,23 +63,27 @@ def events_of(api):
     return [s["event"] for s in api.statuses(TASK)]
 
 
-def test_agent_commit_ends_as_a_pull_request_reported_by_the_hook(world, api, github, tmp_path):
+def test_agent_commit_ends_as_a_pull_request_decided_by_the_hook_reported_once_by_the_runner(
+    world, api, github, tmp_path
+):
     terminal = world.run("commit")
     assert world.code == 0, world.runner.output
-    assert events_of(api)[0] == "started"
+    assert events_of(api) == ["started", "completed"]
     assert terminal["event"] == "completed"
-    assert terminal["details"]["reported_by"] == "stop-hook"
+    assert terminal["details"]["decided_by"] == "stop-hook"
+    assert terminal["details"]["reported_by"] == "shepherd-runner"
+    # The one terminal status carries the run's metrics, and came after every event.
+    details = terminal["details"]
+    assert (details["num_turns"], details["session_id"]) == (3, "stand-in")
+    assert details["cost_usd"] == pytest.approx(0.0123) and details["duration_ms"] == 1500
+    assert details["events_sent"] == len(api.events(TASK)) > 0 and details["events_dropped"] == 0
+    assert set(details["usage"]) == set(sr.USAGE_KEYS)
     [pull] = github.pulls
     assert terminal["details"]["pr_url"] == pull["html_url"]
     assert pull["head"] == f"shepherd/{TASK}" and pull["base"] == "main"
     assert pull["title"] == "Fix the greeting"
     assert f"task `{TASK}`" in pull["body"] and "https://github.com/o/r/issues/1" in pull["body"]
     assert github.log("acme", "widgets", f"shepherd/{TASK}")[0] == "Update greeting"
-    # The runner's own report came after the hook's and changed nothing.
-    last = api.statuses(TASK)[-1]
-    assert last["details"]["reported_by"] == "shepherd-runner"
-    assert last["_accepted_as"] == "already-notified"
-    assert last["details"]["pr_url"] == pull["html_url"]
     seen = world.seen()
     assert seen["branch"] == f"shepherd/{TASK}"
     assert seen["env"] == {
@@ -308,7 +313,7 @@ def test_sigterm_with_the_api_down_exits_1_naming_the_lost_status_before_sigkill
     start = time.monotonic()
     runner.proc.send_signal(signal.SIGTERM)
     assert runner.wait(timeout=30) == 1
-    assert time.monotonic() - start < 25  # the pod's SIGKILL comes at 30 s
+    assert time.monotonic() - start < sr.POD_GRACE - 1  # before the SIGKILL, with room
     assert "ERROR terminal status lost event=failed" in runner.output
     assert api.terminal(TASK) is None
 

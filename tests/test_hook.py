@@ -52,10 +52,10 @@ def task(tmp_path, home, api, github, token):
     return t
 
 
-def call_hook(env, payload):
+def call_hook(env, payload, **kwargs):
     out = io.StringIO()
     stdin = io.BytesIO(payload if isinstance(payload, bytes) else json.dumps(payload).encode())
-    code = hook.main([], environ=env, stdin=stdin, stdout=out)
+    code = hook.main([], environ=env, stdin=stdin, stdout=out, **kwargs)
     return code, out.getvalue()
 
 
@@ -221,3 +221,34 @@ def test_pr_text_never_carries_the_token(task, api, github, token):
     [pull] = github.pulls
     assert token not in pull["body"] + pull["title"]
     assert "Done; I used [REDACTED] to push." in pull["body"]
+
+
+def test_hook_hands_its_outcome_to_a_live_runner_and_reports_nothing(task, api, github):
+    commit(task)
+    env = task.env | {"SHEPHERD_RUNNER_PID": str(sr.os.getpid())}  # this process: alive
+    assert call_hook(env, stop_payload()) == (0, "")
+    assert api.statuses(TASK) == []
+    outcome = sr.Outcome.load(str(task.state_dir / sr.OUTCOME_FILE))
+    [pull] = github.pulls
+    assert (outcome.event, outcome.details["pr_url"]) == ("completed", pull["html_url"])
+    assert outcome.transient is False
+
+
+def test_hook_reports_by_itself_when_the_runner_is_gone(task, api, github):
+    commit(task)
+    proc = subprocess.Popen(["true"])  # a pid that has exited: the runner's, gone
+    proc.wait()
+    env = task.env | {"SHEPHERD_RUNNER_PID": str(proc.pid)}
+    assert call_hook(env, stop_payload()) == (0, "")
+    assert api.terminal(TASK)["details"]["reported_by"] == "stop-hook"
+    assert "the runner is gone" in task.log.read_text()
+
+
+def test_transient_github_failure_is_handed_over_as_transient(task, api, github):
+    commit(task)
+    github.fail_next("pulls_create", [503] * 50)
+    env = task.env | {"SHEPHERD_RUNNER_PID": str(sr.os.getpid())}
+    assert call_hook(env, stop_payload(), budget=0.5) == (0, "")  # time for one try
+    outcome = sr.Outcome.load(str(task.state_dir / sr.OUTCOME_FILE))
+    assert (outcome.event, outcome.transient) == ("failed", True)
+    assert "HTTP 503" in outcome.message

@@ -308,8 +308,8 @@ def test_task_runs_end_to_end_inside_the_image(image, run_args, api, github, tok
         podman("wait", ctr.name, timeout=60)
         state, logs = ctr.state(), ctr.logs()
     assert terminal["event"] == "completed", (terminal, logs)
-    # The image's baked settings.json hook (python -m shepherd_runner hook) reported it.
-    assert terminal["details"]["reported_by"] == "stop-hook", logs
+    # The image's baked settings.json hook (python -m shepherd_runner hook) decided it.
+    assert terminal["details"]["decided_by"] == "stop-hook", logs
     assert github.log("acme", "widgets", f"shepherd/{TASK}")[0] == "Update greeting"
     assert len(github.pulls) == 1
     assert state["ExitCode"] == 0, logs
