@@ -2763,10 +2763,16 @@ def stage_config(config_dir: str, home: str) -> None:
             raise Failure(f"cannot stage {source} into {target}: {exc.strerror}") from None
 
 
-def clone(repo: RepoURL, ref: str, dest: str, git: Git, clone_filter: str) -> None:
+def clone(
+    repo: RepoURL, ref: str, dest: str, git: Git, clone_filter: str,
+    *, config: Mapping[str, str] | None = None,
+) -> None:  # fmt: skip
+    """Clones `repo` at `ref` into `dest`, with `config` set in the new repository."""
     if os.path.exists(dest):
         raise Failure(f"clone target {dest} already exists")
     args = ["clone", "--quiet", "--no-tags"]
+    for key, value in (config or {}).items():
+        args += ["-c", f"{key}={value}"]
     if clone_filter:
         # A server without partial-clone support ignores the filter with a
         # warning and sends everything: that fallback is git's own.
@@ -2956,20 +2962,20 @@ class TaskRun:
         with step("clone", repo=repo.url, ref=branch if continued else ref or "(default)"):
             if not os.access(cfg.work_dir, os.W_OK):
                 raise Failure(f"work dir {cfg.work_dir} is missing or not writable")
+            identity = {
+                "user.name": ctx.environ.get("GIT_AUTHOR_NAME") or GIT_IDENTITY[0],
+                "user.email": ctx.environ.get("GIT_AUTHOR_EMAIL") or GIT_IDENTITY[1],
+            }
             clone(repo, branch if continued else ref, repo_dir,
-                  Git(repo_dir, marked, ctx.redact), cfg.clone_filter)  # fmt: skip
+                  Git(repo_dir, marked, ctx.redact), cfg.clone_filter, config=identity)  # fmt: skip
         with step("create branch", branch=branch):
             try:
-                base_ref = ref or git("symbolic-ref", "--short", "HEAD")
                 # "Commits ahead" are the agent's: on top of what the branch has now.
-                base_sha = git("rev-parse", "HEAD")
+                base_sha, head = git("rev-parse", "HEAD", "--abbrev-ref", "HEAD").splitlines()
+                base_ref = ref or head
                 if not continued:
                     git("switch", "--quiet", "--create", branch)
-                name = ctx.environ.get("GIT_AUTHOR_NAME") or GIT_IDENTITY[0]
-                email = ctx.environ.get("GIT_AUTHOR_EMAIL") or GIT_IDENTITY[1]
-                git("config", "user.name", name)
-                git("config", "user.email", email)
-            except CommandError as exc:
+            except (CommandError, ValueError) as exc:
                 raise Failure(f"preparing the branch failed: {exc}") from None
         state = TaskState(
             task_id=task_id, repo_url=repo.url, repo_dir=repo_dir, branch=branch,
