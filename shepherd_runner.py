@@ -464,10 +464,7 @@ RETRY_STATUSES = (429, 500, 502, 503, 504)
 
 @functools.cache
 def _deadline_types() -> tuple[type[Retry], type[Timeout]]:
-    """(DeadlineRetry, DeadlineTimeout), made on first use: they subclass urllib3's.
-
-    The module's `DeadlineRetry` and `DeadlineTimeout` are these (__getattr__).
-    """
+    """(DeadlineRetry, DeadlineTimeout), made on first use: they subclass urllib3's."""
     from urllib3.exceptions import MaxRetryError, ResponseError  # noqa: PLC0415
     from urllib3.util import Timeout  # noqa: PLC0415
     from urllib3.util.retry import Retry  # noqa: PLC0415
@@ -515,13 +512,6 @@ def _deadline_types() -> tuple[type[Retry], type[Timeout]]:
             return Timeout(connect=self.per_try[0], read=self.per_try[1], total=left)
 
     return DeadlineRetry, DeadlineTimeout
-
-
-def __getattr__(name: str) -> Any:
-    names = ("DeadlineRetry", "DeadlineTimeout")
-    if name in names:
-        return _deadline_types()[names.index(name)]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def api_retry(total: int = 10, backoff: float = 1.0, deadline: float | None = None) -> Retry:
