@@ -1901,6 +1901,14 @@ class Branch:
             f"{self.state.base_ref}...{self.state.branch}"
         )
 
+    def where(self, details: dict[str, Any]) -> str:
+        """Where the pushed work is, for a status message; its URL goes into `details`."""
+        if self.pull_url:
+            details["pr_url"] = self.pull_url
+            return f"pull request {self.pull_url}"
+        details["compare_url"] = self.compare_url()
+        return f"branch {self.state.branch} ({details['compare_url']})"
+
     def save(self) -> None:
         if self.record:
             with contextlib.suppress(OSError):
@@ -1947,10 +1955,15 @@ class Branch:
 
 
 def open_pull(
-    github: GitHub, state: TaskState, *, title: str, body: str, draft: bool, deadline: float,
-    sleep: Callable[[float], Any] = time.sleep,
+    github: GitHub, state: TaskState, redact: Redactor, *, summary: str, draft: bool,
+    deadline: float, sleep: Callable[[float], Any] = time.sleep,
 ) -> tuple[dict[str, Any], bool]:  # fmt: skip
-    """The open pull request of the branch, opened if there is none: (pull, opened)."""
+    """The open pull request of the branch, opened if there is none: (pull, opened).
+
+    A new one gets the description's first line as its title and `summary` in
+    its body; a PR is public, so nothing secret goes into either.
+    """
+    title, body = redact(pr_title(state.description)), redact(pr_body(state, summary))
 
     def attempt() -> tuple[dict[str, Any], bool]:
         # Looked for before every try: a create whose answer was lost may
@@ -2045,7 +2058,7 @@ def expired_outcome(state: TaskState, git: Git, branch: Branch, details: dict) -
     when = f"the GitHub token expired at {_clock(state.token_expires_at)}"
     if state.started_at:
         when += f", {_plural(minutes, 'minute')} into the task"
-    local, pushed, later = branch.head(), branch.remote or "", 0
+    local, pushed = branch.head(), branch.remote or ""
     try:
         later = int(git("rev-list", "--count", f"{pushed}..{local}") or 0) if pushed else 0
     except (CommandError, ValueError):  # the remote holds a commit this clone never had
@@ -2055,13 +2068,7 @@ def expired_outcome(state: TaskState, git: Git, branch: Branch, details: dict) -
         commits = _plural(details.get("commits", 0), "commit")
         message = f"{when}; the {commits} are only in the pod"
         return Outcome("failed", message, details | {"error": message})
-    where = (
-        f"pull request {branch.pull_url}"
-        if branch.pull_url
-        else f"branch {state.branch} ({branch.compare_url()})"
-    )
-    if branch.pull_url:
-        details["pr_url"] = branch.pull_url
+    where = branch.where(details)
     if later == 0 and branch.pull_url:
         # A continued pull request was never the runner's draft.
         note = "" if state.pull_url else "it stays a draft: "
@@ -2129,10 +2136,8 @@ def conclude(
             state, branch = onto_moved_branch(state, git, branch, deadline)
             details["branch"] = state.branch
         pull, opened = open_pull(
-            github, state, deadline=deadline, draft=state.pr_draft, sleep=branch.sleep,
-            # a PR is public: nothing secret goes into it
-            title=git.redact(pr_title(state.description)),
-            body=git.redact(pr_body(state, last_message)),
+            github, state, git.redact, summary=last_message, draft=state.pr_draft,
+            deadline=deadline, sleep=branch.sleep,
         )  # fmt: skip
     except (PushError, GitHubError) as exc:
         if state.token_expired(now()):
@@ -2207,13 +2212,13 @@ class Backup:
         left = self.state.token_expires_at - self.now()
         if self.state.token_expires_at and left < TOKEN_MARGIN and not self.branch.pull_url:
             expiry = _clock(self.state.token_expires_at)
+            summary = (
+                f"Draft: the GitHub token expires at {expiry}; this pull request keeps the "
+                "work pushed until then."
+            )
             pull, _ = open_pull(
-                self.github, self.state, draft=True, deadline=time.monotonic(),
-                title=self.branch.git.redact(pr_title(self.state.description)),
-                body=self.branch.git.redact(pr_body(
-                    self.state, f"Draft: the GitHub token expires at {expiry}; this pull "
-                    "request keeps the work pushed until then.",
-                )),
+                self.github, self.state, self.branch.git.redact, summary=summary, draft=True,
+                deadline=time.monotonic(),
             )  # fmt: skip
             self.branch.pull_url = pull.get("html_url", "")
             self.branch.save()
@@ -3091,12 +3096,7 @@ class TaskRun:
             except PushError as exc:
                 message = f"{reason}; its {_plural(ahead, 'commit')} could not be pushed ({exc})"
                 return Outcome("failed", message, details)
-        if branch.pull_url:
-            details["pr_url"] = branch.pull_url
-            where = f"pull request {branch.pull_url}"
-        else:
-            details["compare_url"] = branch.compare_url()
-            where = f"branch {state.branch} ({details['compare_url']})"
+        where = branch.where(details)
         return Outcome(
             "failed", f"{reason}; its work ({_plural(ahead, 'commit')}) is on {where}", details
         )
