@@ -2898,6 +2898,10 @@ class TaskRun:
             message = f"internal error in shepherd-runner: {type(exc).__name__}: {exc}"
             error("unexpected error", error=message)
             outcome = Outcome("failed", message, {"error": message})
+        reason = self.ctx.stop.reason
+        if outcome.event == "failed" and reason and not outcome.message.startswith(reason):
+            # Whatever broke was broken by the signal: say that, not the symptom.
+            outcome = Outcome("failed", reason, {"error": reason})
         # Every event has been flushed (or counted as dropped) by now: the API
         # answers /events with 410 from the first terminal status on.
         details = {**self.details, **outcome.details, "reported_by": "shepherd-runner"}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 import time
 
 import pytest
@@ -24,7 +25,7 @@ def run_task(tmp_path, home, api, github, token):
     repo_url = github.create_repo("acme", "widgets")
     api.add_task(TASK, repo_url=repo_url, token=token)
 
-    def run(scenario="commit", *, retry=None, home_dir=None, **extra):
+    def run(scenario="commit", *, retry=None, home_dir=None, stop=None, **extra):
         environ = runner_env(
             tmp_path, claude_bin=STAND_IN, github=github, HOME=str(home_dir or home),
             STAND_IN_SCENARIO=scenario, **extra,
@@ -33,7 +34,7 @@ def run_task(tmp_path, home, api, github, token):
         ctx = sr.Context(
             environ=environ, home=str(home_dir or home),
             retry=retry or sr.api_retry(total=2, backoff=0),
-            token_retries=sr.token_retry(total=1, backoff=0),
+            token_retries=sr.token_retry(total=1, backoff=0), stop=stop or sr.Stop(),
         )  # fmt: skip
         log = io.StringIO()
         sr.setup_logging(log, ctx.redact)
@@ -121,3 +122,13 @@ def test_status_outage_of_60s_around_the_terminal_report_is_survived(run_task, a
     assert took >= 60
     print(f"terminal status delivered {took:.1f} s after the outage began")
     assert json.dumps(terminal)
+
+
+def test_a_step_failing_after_a_signal_is_reported_as_the_signal_not_the_symptom(run_task, api):
+    stop = sr.Stop()
+    stop.trigger(signal.SIGTERM)  # the pod is being deleted while the API answers 500
+    api.fail_next(TASK, "/data", [500] * 3)
+    ending, log, terminal = run_task(stop=stop)
+    assert ending is sr.Ending.REPORTED
+    assert terminal["message"] == stop.reason
+    assert "fetching the task data failed" in log
