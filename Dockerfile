@@ -6,7 +6,9 @@
 # its native binary; `venv` installs the runner into a virtualenv; the final
 # stage has neither Node.js nor compilers nor build caches.
 
-ARG CLAUDE_CODE_VERSION=2.1.197
+# The one pin of the Claude Code CLI: the Makefile and deploy/image.mk read it
+# from this line, tests/test_pins.py checks every other mention against it.
+ARG CLAUDE_CODE_VERSION=2.1.332
 
 # --- Claude Code CLI ----------------------------------------------------------
 # Debian bookworm's nodejs (18.19) and npm (9.2) install the package fine: its

@@ -3,7 +3,12 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-CLAUDE_CODE_VERSION ?= 2.1.197
+# The CLI's version is pinned in one place, the Dockerfile's ARG (the release
+# workflow builds the Dockerfile without build-args).
+CLAUDE_CODE_VERSION ?= $(shell sed -n 's/^ARG CLAUDE_CODE_VERSION=//p' Dockerfile)
+ifeq ($(strip $(CLAUDE_CODE_VERSION)),)
+$(error the Dockerfile has no `ARG CLAUDE_CODE_VERSION=` line)
+endif
 CLAUDE_DIR := .cache/claude-code-$(CLAUDE_CODE_VERSION)
 CLAUDE := $(CLAUDE_DIR)/node_modules/.bin/claude
 export SHEPHERD_TEST_CLAUDE_BIN := $(abspath $(CLAUDE))

@@ -47,6 +47,7 @@ image-base: image-deps
 image: image-base
 	@start=$$(date +%s); \
 	buildah build --pull=never --layers $(BUILDAH_FLAGS) \
+		--build-arg CLAUDE_CODE_VERSION=$(CLAUDE_CODE_VERSION) \
 		--build-arg VERSION=$(IMAGE_VERSION) \
 		--build-arg REVISION=$(IMAGE_REVISION) \
 		--build-arg SOURCE=$(IMAGE_SOURCE) \

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import secrets
 import sys
 
@@ -16,6 +17,17 @@ from fake_github import FakeGitHub  # noqa: E402
 from fake_shepherd import FakeShepherd  # noqa: E402
 
 ROOT = TESTS.parent
+PIN = re.compile(r"^ARG CLAUDE_CODE_VERSION=(\S*)$", re.MULTILINE)
+
+
+def pinned_claude_code_version(dockerfile: pathlib.Path = ROOT / "Dockerfile") -> str:
+    """The Claude Code CLI version the project pins: the Dockerfile's ARG, its one place."""
+    found = PIN.findall(dockerfile.read_text(encoding="utf-8"))
+    if len(found) != 1 or not re.fullmatch(r"\d+\.\d+\.\d+", found[0]):
+        raise AssertionError(
+            f"{dockerfile} must pin the CLI once, as `ARG CLAUDE_CODE_VERSION=X.Y.Z`: found {found}"
+        )
+    return found[0]
 
 
 @pytest.fixture(autouse=True)

@@ -139,7 +139,7 @@ def test_commits_on_another_branch_are_reported_truthfully(task, api, github):
 
 
 def test_stop_failure_reports_the_api_error(task, api):
-    # The shape observed from Claude Code 2.1.197 (tests/CLI_FINDINGS.md).
+    # The shape the CLI sends, the same since 2.1.197 (tests/CLI_FINDINGS.md).
     words = "API Error: 529 overloaded (529). This is a server-side issue."
     payload = {"hook_event_name": "StopFailure", "error": "server_error",
                "last_assistant_message": words}  # fmt: skip
