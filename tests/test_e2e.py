@@ -32,6 +32,15 @@ def end(text):
     return {"text": text, "end": True}
 
 
+def long_command(seconds):
+    """A long, silent command, as a slow build or test run is: `sleep N` runs in it.
+
+    The CLI refuses a Bash command that starts with a long `sleep` (2.1.332,
+    tests/CLI_FINDINGS.md), so the sleep comes second.
+    """
+    return bash(f"echo working && sleep {seconds}")
+
+
 COMMIT = bash("git add -A && git commit -qm 'Update greeting' && git log --oneline | head -3")
 READ = {"tool": "Read", "input": {"file_path": "README.md"}}
 # The CLI refuses to edit a file it has not read: a change is two steps.
@@ -256,7 +265,7 @@ def _processes(cmdline: bytes) -> list[int]:
 
 def test_sigterm_stops_the_cli_and_its_commands_within_10s(e2e, api):
     marker = b"sleep\x00613\x00"
-    runner = e2e.run([bash("sleep 613"), end("Slept.")])
+    runner = e2e.run([long_command(613), end("Slept.")])
     deadline = time.monotonic() + 60
     while not _processes(marker):  # the agent's command is up: the CLI is mid-tool
         assert time.monotonic() < deadline and runner.proc.poll() is None, runner.output
