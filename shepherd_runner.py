@@ -1154,7 +1154,7 @@ class StreamParser:
         if isinstance(session, str) and session and not self.session_id:
             self.session_id = self.redact.head(session, 100)
         if kind == "result":
-            metrics = self.metrics = self._result(message)
+            metrics = self.metrics = _later_result(self.metrics, self._result(message))
             if metrics.is_error or metrics.subtype.startswith("error"):
                 why = metrics.subtype or "error"
                 return [self.event("error", f"agent stopped: {why} {metrics.result}")]
@@ -1237,6 +1237,25 @@ class StreamParser:
             result=_result_text(message.get("result")),
             usage=_usage(message.get("usage")),
         )
+
+
+def _later_result(earlier: AgentMetrics | None, later: AgentMetrics) -> AgentMetrics:
+    """The run's metrics when a `result` line follows another one.
+
+    Since 2.1.332 the CLI wakes the model again when a background command ends
+    after its answer, and prints another `result`: its turns, time and usage
+    count from the previous one, its cost is the session's (tests/CLI_FINDINGS.md).
+    """
+    if earlier is None:
+        return later
+    for key in ("num_turns", "duration_ms"):
+        first, then = getattr(earlier, key), getattr(later, key)
+        setattr(later, key, None if first is None or then is None else first + then)
+    if earlier.usage is None or later.usage is None:
+        later.usage = None  # the parser's own count stands in
+    else:
+        later.usage = {k: earlier.usage[k] + later.usage[k] for k in USAGE_KEYS}
+    return later
 
 
 def _held_bytes(event: dict[str, Any]) -> int:

@@ -13,7 +13,17 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from test_e2e import BRANCH, CHANGE, COMMIT, TASK, _processes, bash, e2e, end  # noqa: F401
+from test_e2e import (  # noqa: F401
+    BRANCH,
+    CHANGE,
+    COMMIT,
+    TASK,
+    _processes,
+    bash,
+    e2e,
+    end,
+    long_command,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -39,7 +49,7 @@ def test_commit_reaches_the_remote_within_10s_while_the_agent_works_and_sigterm_
     e2e, api, github, tmp_path
 ):
     marker = b"sleep\x00614\x00"
-    runner = e2e.run([*CHANGE, COMMIT, bash("sleep 614"), end("Slept.")])
+    runner = e2e.run([*CHANGE, COMMIT, long_command(614), end("Slept.")])
     committed = wait_until(lambda: new_commit(tmp_path, github), 60, "the agent's commit")
     seen_at = time.monotonic()
     wait_until(
@@ -89,7 +99,7 @@ def test_agent_silent_past_the_idle_timeout_is_stopped_and_its_commit_kept(
 ):
     marker = b"sleep\x00616\x00"
     start = time.monotonic()
-    terminal = e2e.finish([*CHANGE, COMMIT, bash("sleep 616"), end("Slept.")],
+    terminal = e2e.finish([*CHANGE, COMMIT, long_command(616), end("Slept.")],
                           SHEPHERD_IDLE_TIMEOUT="4s")  # fmt: skip
     assert time.monotonic() - start < 60
     assert terminal["event"] == "failed"
@@ -126,11 +136,60 @@ def test_cli_that_does_not_exit_after_its_result_is_stopped_and_the_task_complet
     assert _processes(b"sleep\x00617\x00") == []
 
 
+def test_background_command_running_after_the_answer_is_stopped_and_the_task_completes(
+    e2e, api, github
+):
+    # Since 2.1.332 the CLI prints its result, then waits for the agent's background
+    # commands and wakes the model when they end (tests/CLI_FINDINGS.md).
+    marker = b"sleep\x00618\x00"
+    background = bash("echo started && sleep 618")
+    background["input"]["run_in_background"] = True
+    runner = e2e.run([background, *CHANGE, COMMIT, end("Done; the check runs on.")])
+    runner.wait_for(r"stop hook decided", timeout=120)
+    decided = time.monotonic()
+    assert _processes(marker), "the background command is running after the answer"
+    assert runner.wait(timeout=90) == 0
+    took = time.monotonic() - decided
+    print(f"result -> exit with a background command: {took:.1f}s")
+    assert 25 < took < 60, took
+    terminal = api.terminal(TASK)
+    assert terminal["event"] == "completed", terminal
+    assert terminal["details"]["decided_by"] == "stop-hook"
+    [pull] = github.pulls
+    assert terminal["details"]["pr_url"] == pull["html_url"]
+    assert "printed its result but did not exit" in runner.output
+    assert _processes(marker) == []
+
+
+def test_background_command_ending_after_the_answer_wakes_the_agent_and_both_turns_count(
+    e2e, api, github, tmp_path
+):
+    # 2.1.332: the CLI starts a turn for the ended command, a second Stop and `result`.
+    gate = tmp_path / "gate"
+    background = bash(f"echo started && until [ -e {gate} ]; do sleep 0.1; done")
+    background["input"]["run_in_background"] = True
+    runner = e2e.run([background, *CHANGE, COMMIT, end("Done; the check runs on.")])
+    runner.wait_for(r"stop hook decided", timeout=120)
+    gate.touch()
+    assert runner.wait(timeout=60) == 0
+    assert runner.output.count("stop hook decided") == 2, runner.output
+    assert "printed its result but did not exit" not in runner.output
+    terminal = api.terminal(TASK)
+    assert terminal["event"] == "completed", terminal
+    replies = len(e2e.model.main_requests)
+    assert replies == 6  # the five scripted replies, and one for the woken turn
+    details = terminal["details"]
+    assert details["num_turns"] == replies
+    assert details["usage"]["input_tokens"] == 10 * replies  # 10 a reply (fake_model.py)
+    [pull] = github.pulls
+    assert details["pr_url"] == pull["html_url"]
+
+
 @pytest.fixture(autouse=True)
 def _no_stray_sleepers():
     yield
-    for cmd in (b"sleep\x00614\x00", b"sleep\x00615\x00", b"sleep\x00616\x00", b"sleep\x00617\x00"):
-        for pid in _processes(cmd):
+    for seconds in range(614, 619):
+        for pid in _processes(b"sleep\x00%d\x00" % seconds):
             os.kill(pid, signal.SIGKILL)
 
 

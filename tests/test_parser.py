@@ -256,6 +256,55 @@ def test_error_result_line_fills_metrics_and_yields_one_error_event(subtype):
     validate(event)
 
 
+# Claude Code 2.1.332 with the model answering 500 (CLAUDE_CODE_MAX_RETRIES=0), verbatim:
+# a synthetic assistant line, then a result that says "success" and is an error.
+API_ERROR_LINES = r"""
+{"type":"assistant","message":{"diagnostics":null,"id":"ac534655-9cde-44a0-ac10-b62db6690421","container":null,"model":"<synthetic>","role":"assistant","stop_details":null,"stop_reason":"stop_sequence","stop_sequence":"","type":"message","usage":{"output_tokens_details":null,"input_tokens":0,"output_tokens":0,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"server_tool_use":{"web_search_requests":0,"web_fetch_requests":0},"service_tier":null,"cache_creation":{"ephemeral_1h_input_tokens":0,"ephemeral_5m_input_tokens":0},"inference_geo":null,"iterations":null,"speed":null,"fallback_credit":null},"content":[{"type":"text","text":"API Error: 500 the model is down. This is a server-side issue, usually temporary — try again in a moment. If it persists, check your inference gateway (127.0.0.1:45459)."}],"context_management":null},"parent_tool_use_id":null,"session_id":"a8bf2efd-fefb-4441-b2ae-c6c6ffb85d2b","uuid":"fe1bf72d-8a7c-4e89-849d-a6cdd2365af1","timestamp":"2026-12-04T20:23:40.521Z","error":"server_error","request_id":"req_fake_e5faa054cbf54577","is_api_error_message":true,"api_error_status":500,"api_error_type":"api_error"}
+{"duration_api_ms":0,"stop_reason":"stop_sequence","session_id":"a8bf2efd-fefb-4441-b2ae-c6c6ffb85d2b","total_cost_usd":0,"usage":{"output_tokens_details":{"thinking_tokens":0},"input_tokens":0,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":0,"server_tool_use":{"web_search_requests":0,"web_fetch_requests":0},"service_tier":"standard","cache_creation":{"ephemeral_1h_input_tokens":0,"ephemeral_5m_input_tokens":0},"inference_geo":"","iterations":[],"speed":"standard","fallback_credit":null},"modelUsage":{},"permission_denials":[],"terminal_reason":"api_error","fast_mode_state":"off","fast_mode_disabled_reason":"sdk_opt_in_required","subagent_stats":{"spawned":0,"requested":{"background":0,"foreground":0,"unset":0},"started_in_background":0,"max_depth":0,"spawned_by_subagents":0,"completed":0,"failed":0,"killed":{"parent":0,"user":0,"system":0},"refused":{"depth_limit":0,"concurrency_limit":0,"budget":0},"by_type":{}},"safety_stops":0,"is_error":true,"num_turns":1,"subtype":"success","api_error_status":500,"api_error_type":"api_error","result":"API Error: 500 the model is down. This is a server-side issue, usually temporary — try again in a moment. If it persists, check your inference gateway (127.0.0.1:45459).","type":"result","duration_ms":120,"uuid":"39793712-45ed-4ea9-a741-536cc0df60c8","queued_turn_count":0,"result_index":0,"model_usage_since_last_result":{}}
+""".strip().splitlines()
+
+
+def test_api_error_result_with_subtype_success_is_a_failure_in_the_clis_words():
+    p = parser()
+    events = feed_all(p, API_ERROR_LINES)
+    validate_all(events)
+    words = "API Error: 500 the model is down. This is a server-side issue, usually temporary"
+    assert [e["type"] for e in events] == ["thinking", "error"]
+    assert events[1]["summary"].startswith(f"agent stopped: success {words}")
+    assert (p.metrics.subtype, p.metrics.is_error) == ("success", True)
+    for code in (1, 0):  # is_error decides, whatever the exit code
+        failure = sr.agent_failure(sr.AgentRun(exit_code=code, metrics=p.metrics), None)
+        assert failure.startswith(f"the agent failed: {words}"), failure
+
+
+# Claude Code 2.1.332, verbatim: the answer's result, then, once the agent's background
+# command ended, the result of the turn the CLI started for it.
+TWO_RESULTS = r"""
+{"duration_api_ms":1834,"stop_reason":"end_turn","session_id":"ca01c950-e13c-4ef1-8901-c89f2edaedf9","total_cost_usd":0.00028000000000000003,"usage":{"input_tokens":20,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":10,"output_tokens_details":{"thinking_tokens":0},"server_tool_use":{"web_search_requests":0,"web_fetch_requests":0},"service_tier":"standard","cache_creation":{"ephemeral_1h_input_tokens":0,"ephemeral_5m_input_tokens":0},"inference_geo":"","iterations":[],"speed":"standard","fallback_credit":null},"modelUsage":{"claude-opus-5-5":{"inputTokens":20,"outputTokens":10,"cacheReadInputTokens":0,"cacheCreationInputTokens":0,"webSearchRequests":0,"costUSD":0.00028000000000000003,"contextWindow":1000000,"maxOutputTokens":128000,"thinkingTokens":0,"cacheCreationEphemeral5mInputTokens":0,"cacheCreationEphemeral1hInputTokens":0,"canonicalModel":"claude-opus-5-5","provider":"firstParty","costBasis":"list"}},"permission_denials":[],"terminal_reason":"completed","fast_mode_state":"off","fast_mode_disabled_reason":"sdk_opt_in_required","subagent_stats":{"spawned":0,"requested":{"background":0,"foreground":0,"unset":0},"started_in_background":0,"max_depth":0,"spawned_by_subagents":0,"completed":0,"failed":0,"killed":{"parent":0,"user":0,"system":0},"refused":{"depth_limit":0,"concurrency_limit":0,"budget":0},"by_type":{}},"safety_stops":0,"is_error":false,"num_turns":2,"subtype":"success","api_error_status":null,"result":"Started it.","ttft_ms":1527,"type":"result","duration_ms":2579,"uuid":"dfd5f4de-1228-44a9-8772-67f22385660c","ttft_stream_ms":1474,"time_to_request_ms":541,"first_content_frame_ms":1495,"queued_turn_count":0,"result_index":0,"model_usage_since_last_result":{"claude-opus-5-5":{"inputTokens":20,"outputTokens":10,"cacheReadInputTokens":0,"cacheCreationInputTokens":0,"webSearchRequests":0,"costUSD":0.00028000000000000003,"contextWindow":1000000,"maxOutputTokens":128000,"thinkingTokens":0,"cacheCreationEphemeral5mInputTokens":0,"cacheCreationEphemeral1hInputTokens":0,"canonicalModel":"claude-opus-5-5","provider":"firstParty","costBasis":"list"}}}
+{"duration_api_ms":1852,"stop_reason":"end_turn","session_id":"ca01c950-e13c-4ef1-8901-c89f2edaedf9","total_cost_usd":0.00042,"usage":{"input_tokens":10,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":5,"output_tokens_details":{"thinking_tokens":0},"server_tool_use":{"web_search_requests":0,"web_fetch_requests":0},"service_tier":"standard","cache_creation":{"ephemeral_1h_input_tokens":0,"ephemeral_5m_input_tokens":0},"inference_geo":"","iterations":[],"speed":"standard","fallback_credit":null},"modelUsage":{"claude-opus-5-5":{"inputTokens":30,"outputTokens":15,"cacheReadInputTokens":0,"cacheCreationInputTokens":0,"webSearchRequests":0,"costUSD":0.00042,"contextWindow":1000000,"maxOutputTokens":128000,"thinkingTokens":0,"cacheCreationEphemeral5mInputTokens":0,"cacheCreationEphemeral1hInputTokens":0,"canonicalModel":"claude-opus-5-5","provider":"firstParty","costBasis":"list"}},"permission_denials":[],"terminal_reason":"completed","fast_mode_state":"off","fast_mode_disabled_reason":"sdk_opt_in_required","origin":{"kind":"task-notification","producer":"session-task","runId":"0mx9frvxd-2c3cda6e"},"subagent_stats":{"spawned":0,"requested":{"background":0,"foreground":0,"unset":0},"started_in_background":0,"max_depth":0,"spawned_by_subagents":0,"completed":0,"failed":0,"killed":{"parent":0,"user":0,"system":0},"refused":{"depth_limit":0,"concurrency_limit":0,"budget":0},"by_type":{}},"safety_stops":0,"is_error":false,"num_turns":1,"subtype":"success","api_error_status":null,"result":"Done.","ttft_ms":60,"type":"result","duration_ms":110,"uuid":"29dc9d6d-44d7-4f10-b58a-6e426f4807fa","ttft_stream_ms":59,"time_to_request_ms":52,"first_content_frame_ms":59,"queued_turn_count":0,"result_index":1,"model_usage_since_last_result":{"claude-opus-5-5":{"inputTokens":10,"outputTokens":5,"cacheReadInputTokens":0,"cacheCreationInputTokens":0,"webSearchRequests":0,"costUSD":0.00014000000000000001,"contextWindow":1000000,"maxOutputTokens":128000,"thinkingTokens":0,"cacheCreationEphemeral5mInputTokens":0,"cacheCreationEphemeral1hInputTokens":0,"canonicalModel":"claude-opus-5-5","provider":"firstParty","costBasis":"list"}}}
+""".strip().splitlines()
+
+
+def test_a_second_result_line_adds_its_turns_and_usage_and_gives_the_sessions_cost():
+    p = parser()
+    assert feed_all(p, TWO_RESULTS) == []
+    m = p.metrics
+    assert (m.subtype, m.is_error, m.result) == ("success", False, "Done.")
+    assert (m.num_turns, m.duration_ms) == (2 + 1, 2579 + 110)
+    assert m.usage == {"input_tokens": 30, "output_tokens": 15, "cache_creation_input_tokens": 0,
+                       "cache_read_input_tokens": 0}  # fmt: skip
+    assert m.total_cost_usd == pytest.approx(0.00042)  # the session's, not the turn's
+
+
+def test_a_second_result_line_without_usage_leaves_the_parsers_own_count():
+    p = parser()
+    second = json.loads(TWO_RESULTS[1])
+    del second["usage"], second["num_turns"]
+    feed_all(p, [TWO_RESULTS[0], json.dumps(second)])
+    assert p.metrics.usage is None and p.metrics.num_turns is None
+    assert p.report(5)["usage"] == p.usage  # what the assistant lines said
+
+
 @pytest.mark.parametrize(
     "line",
     [
