@@ -3670,12 +3670,8 @@ class TaskRun:
                     f.write(data.get("context") or "(no further context)\n")
                     f.write(source.comments)
                 os.makedirs(os.path.join(self.state_dir, "tmp"), exist_ok=True)
-                for name in (
-                    STOP_FILE,
-                    OUTCOME_FILE,
-                    BRANCH_FILE,
-                    SIGNING_FILE,
-                ):  # a previous run's
+                # A previous run's decisions, pushes and copies of commits:
+                for name in (STOP_FILE, OUTCOME_FILE, BRANCH_FILE, SIGNING_FILE):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(os.path.join(self.state_dir, name))
             except OSError as exc:
