@@ -275,7 +275,7 @@ class GitData:
     def _tree_lines(self, bare, entries, env, tmp):
         """(a problem, or "", and the `update-index -z --index-info` records: removals first)."""
         present = set((_git(bare, "ls-files", "-z", env=env) or "").split("\0"))
-        removals, additions = [], []
+        removals, additions, contents = [], [], []  # contents: written to files, hashed at once
         for index, entry in enumerate(entries):
             if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
                 return f"tree[{index}] has no path", []
@@ -295,15 +295,22 @@ class GitData:
             if "content" in entry:
                 if kind != "blob" or not isinstance(entry["content"], str):
                     return f"tree[{index}].content is not a string", []
-                sha = _git(bare, "hash-object", "-w", "--stdin", input=entry["content"].encode())
+                contents.append(Path(tmp, f"content-{index}"))
+                contents[-1].write_bytes(entry["content"].encode())
+                sha = len(contents) - 1  # its place among the hashed files
             else:
                 sha = entry.get("sha")
                 if kind != "commit" and _kind(bare, sha) != kind:
                     return f"tree.sha {sha} is not a valid {kind}", []
                 if kind == "commit" and not (isinstance(sha, str) and SHA.fullmatch(sha)):
                     return f"tree.sha {sha} is not a valid commit id", []
-            additions.append(f"{mode} {sha}\t{path}\0".encode())
-        return "", removals + additions
+            additions.append((mode, sha, path))
+        hashed = _git(bare, "hash-object", "-w", "--no-filters", "--", *contents).split()
+        records = [
+            f"{mode} {hashed[sha] if isinstance(sha, int) else sha}\t{path}\0".encode()
+            for mode, sha, path in additions
+        ]
+        return "", removals + records
 
     def _git_commits(self, owner, name, _arg, _query, body):
         req, bare = _request(body), self._bare(owner, name)
