@@ -2529,7 +2529,7 @@ def push_through_api(branch: Branch) -> str:
         try:
             tip = commits.ref(state.branch)
             _lease(branch, tip)
-            new = commits.recreate(local, tip)
+            new = commits.recreate(local, tip, own=state.branch if state.owns_branch else "")
             if new != tip:
                 commits.move(state.branch, new, tip, force=state.owns_branch)
             if new in signing.commits.values() and signing.verification.get("sha") != new:
@@ -2573,9 +2573,9 @@ def _api_failure(branch: Branch, exc: GitHubError, tip: str | None) -> PushError
     transient = (
         exc.transient
         or (exc.status == 403 and "rate limit" in said)  # GitHub's secondary rate limit
-        or (exc.status == 422 and "reference" in said)  # created or deleted meanwhile
+        or (exc.status == 422 and re.search(r"reference (already|does not) exist", said))
     )
-    return PushError(message, transient)
+    return PushError(message, bool(transient))
 
 
 def signed_details(branch: Branch) -> dict[str, Any]:
@@ -2695,17 +2695,21 @@ class ApiCommits:
             reason=reason,
         )
 
-    def recreate(self, local: str, tip: str) -> str:
+    def recreate(self, local: str, tip: str, own: str = "") -> str:
         """The remote copy of `local`; each commit the remote lacks is made there, oldest first.
 
-        On the remote as they are: the base, anything of the remote-tracking
-        refs, and the remote tip when it is a local commit (a fetched one).
+        On the remote as they are: the base, what the remote-tracking refs
+        hold, and the remote tip when it is a local commit (a fetched one).
+        Not on the runner's `own` branch: commits the agent pushed there itself
+        are recreated too, and the branch replaced by their copies.
         """
         known = self.signing.commits
         if local in known:
             return known[local]
-        on_remote = [self.base_sha, *known, "--remotes=origin"]
-        if tip and tip not in known.values() and self._is_local(tip):
+        on_remote = [self.base_sha, *known]
+        on_remote += [f"--exclude=origin/{own}"] if own else []
+        on_remote.append("--remotes=origin")
+        if tip and not own and tip not in known.values() and self._is_local(tip):
             on_remote.append(tip)
         todo = self.git(
             "rev-list", "--reverse", "--topo-order", "--ignore-missing", local, "--not", *on_remote

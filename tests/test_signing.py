@@ -265,6 +265,20 @@ def test_the_runners_own_branch_moved_by_someone_else_is_read_again_then_replace
     assert c.remote() == c.mapping()[c.git("rev-parse", "HEAD")]
 
 
+def test_commits_the_agent_pushed_itself_to_the_runners_branch_are_replaced_by_copies(clone):
+    c = clone("api").clone()
+    c.write("a.txt", "a\n")
+    first = c.commit("A")
+    c.git("push", "-q", "origin", f"HEAD:refs/heads/{BRANCH}")  # unsigned, by the agent
+    assert c.remote() == first
+    c.write("b.txt", "b\n")
+    second = c.commit("B")
+    c.push()
+    assert set(c.mapping()) == {first, second} and c.remote() == c.mapping()[second]
+    same_commit(c, first, c.mapping()[first])
+    assert c.github.pushes[-1]["forced"] is True
+
+
 def test_a_pull_requests_branch_is_moved_fast_forward_only(clone, github):
     c = clone("api", owns=False, branch="feature", ref="feature")
     github.commit_to("acme", "widgets", "feature", {"f.txt": "f\n"}, "Start the feature")
