@@ -2,7 +2,9 @@
 
 Both live on one server, like GitHub Enterprise (REST under /api/v3). Git is
 served by the real `git http-backend`, so clone, partial clone and push behave
-like the real thing; the fake only adds GitHub's authentication rules.
+like the real thing; the fake only adds GitHub's authentication rules. The Git
+Data API and the repository rules (signed commits, file paths) are in
+tests/fake_gitdata.py, mixed in over the same bare repositories.
 
 The token can expire like an installation token. To refuse it from the instant
 the fake Shepherd API announces as `expiresAt`, fix that instant up front:
