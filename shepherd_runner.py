@@ -28,6 +28,7 @@ import selectors
 import shutil
 import signal
 import socketserver
+import stat
 import subprocess
 import sys
 import threading
@@ -2227,6 +2228,384 @@ class Backup:
 
 
 # ---------------------------------------------------------------------------
+# the repository's setup
+# ---------------------------------------------------------------------------
+
+DEFAULT_SETUP_TIMEOUT = "15m"
+SETUP_SCRIPT = ".shepherd/setup.sh"
+SETUP_ENV_FILE = "setup.env"  # $SHEPHERD_ENV, in the state dir
+SETUP_TOOL = "setup"  # the tool the UI shows setup as
+# Output goes to the API in tool_result events of up to SETUP_EVENT_LINES
+# lines (or TEXT_LIMIT characters), sent at the latest SETUP_EVENT_SECONDS
+# after their first line; past SETUP_EVENTS_MAX of them a command's lines go
+# to the log only (the API keeps a task's last 1 000 events).
+SETUP_EVENT_LINES = 20
+SETUP_EVENT_SECONDS = 1.0
+SETUP_EVENTS_MAX = 100
+SETUP_LINE_CHARS = 1000  # a longer line is cut
+SETUP_TAIL_LINES = 50  # the last lines the agent gets when setup failed
+SETUP_ENV_BYTES = 1 << 20
+# What $SHEPHERD_ENV may not set: the runner's own wiring (its state, the
+# Stop hook, git's credentials) and the operator's model endpoint and key.
+SETUP_ENV_RESERVED = frozenset(
+    {"HOME", "TMPDIR", "GH_TOKEN", "GIT_TERMINAL_PROMPT", "GIT_ALLOW_PROTOCOL", "CI",
+     "DISABLE_AUTOUPDATER"}
+)  # fmt: skip
+SETUP_ENV_RESERVED_PREFIXES = ("SHEPHERD_", "GIT_CONFIG_", "ANTHROPIC_")
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+@dataclasses.dataclass(frozen=True)
+class SetupStep:
+    name: str  # how the log and the agent's prompt call it
+    command: str  # what the UI shows as the tool's input
+    argv: list[str]
+
+
+@dataclasses.dataclass
+class SetupResult:
+    status: str = "none"  # ok | failed | timeout | none
+    exit_code: int | None = None  # of the command that ended it; None when it was stopped
+    seconds: float = 0.0
+    failed: str = ""  # what failed and how: ".shepherd/setup.sh exited with 1"
+    tail: list[str] = dataclasses.field(default_factory=list)  # its last lines, redacted
+    env: dict[str, str] = dataclasses.field(default_factory=dict)  # from $SHEPHERD_ENV
+
+    def details(self) -> dict[str, Any]:
+        return {"status": self.status, "exit_code": self.exit_code, "seconds": self.seconds}
+
+
+def setup_steps(repo_dir: str, command: str) -> list[SetupStep]:
+    """The operator's command, then the repository's executable script.
+
+    Without either it costs one stat.
+    """
+    steps = [SetupStep("SHEPHERD_SETUP_COMMAND", command, ["bash", "-c", command])]
+    steps = steps if command else []
+    path = os.path.join(repo_dir, SETUP_SCRIPT)
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return steps
+    if stat.S_ISREG(mode) and mode & 0o111:
+        steps.append(SetupStep(SETUP_SCRIPT, SETUP_SCRIPT, [path]))
+    else:
+        warn("setup script skipped: not an executable file", path=SETUP_SCRIPT,
+             hint=f"git update-index --chmod=+x {SETUP_SCRIPT}")  # fmt: skip
+    return steps
+
+
+def user_bin_dirs(environ: Mapping[str, str], home: str) -> list[str]:
+    """Where user-installed programs go (pip --user, go install): first on PATH."""
+    gopath = (environ.get("GOPATH") or "").split(os.pathsep)[0] or os.path.join(home, "go")
+    gobin = environ.get("GOBIN") or os.path.join(gopath, "bin")
+    return [os.path.join(home, ".local", "bin"), gobin]
+
+
+def with_user_bins(path: str, environ: Mapping[str, str], home: str) -> str:
+    bins = user_bin_dirs(environ, home)
+    return os.pathsep.join([*bins, *(p for p in path.split(os.pathsep) if p not in bins)])
+
+
+def read_setup_env(path: str) -> dict[str, str]:
+    """The NAME=VALUE lines a setup wrote to $SHEPHERD_ENV (as GitHub's GITHUB_ENV).
+
+    Blank lines and `#` comments are skipped; the last value of a name wins.
+    A line that is not NAME=VALUE, or names what the runner sets itself, is
+    refused with a log line that gives the name, never the value.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read(SETUP_ENV_BYTES + 1)
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        warn("setup env file unreadable; ignored", error=exc.strerror)
+        return {}
+    if len(data) > SETUP_ENV_BYTES:
+        warn("setup env file over 1 MiB; ignored", bytes=len(data))
+        return {}
+    env: dict[str, str] = {}
+    # surrogateescape: the value's bytes reach the agent as they were written.
+    for number, raw in enumerate(data.decode("utf-8", "surrogateescape").split("\n"), 1):
+        line = raw.removesuffix("\r")
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        name, sep, value = line.partition("=")
+        if not sep or not _ENV_NAME_RE.fullmatch(name) or "\0" in value:
+            warn("setup env line refused: not NAME=VALUE", line=number)
+        elif name in SETUP_ENV_RESERVED or name.startswith(SETUP_ENV_RESERVED_PREFIXES):
+            warn("setup env name refused: the runner sets it", name=name, line=number)
+        else:
+            env[name] = value
+    if env:
+        info("setup env for the agent", names=sorted(env))
+    return env
+
+
+class SetupOutput:
+    """One setup command's output: each line to the log, then in a few events to the API.
+
+    Lines are redacted as they come; the API sees a `tool_call` named setup,
+    the lines in `tool_result` events of a few lines, and a last
+    `tool_result` that says how the command ended.
+    """
+
+    def __init__(
+        self, sender: EventSender, parser: StreamParser, call_id: str,
+        *, lines: int = SETUP_EVENT_LINES, interval: float = SETUP_EVENT_SECONDS,
+        max_events: int = SETUP_EVENTS_MAX,
+    ) -> None:  # fmt: skip
+        self.sender, self.parser, self.redact = sender, parser, parser.redact
+        self.metadata = {"tool_use_id": call_id}
+        self.lines, self.interval, self.max_events = lines, interval, max_events
+        self.pending: list[str] = []
+        self.since = 0.0  # when the first pending line came
+        self.partial = b""  # a line not ended yet ...
+        self.partial_since = 0.0  # ... since then
+        self.tail: collections.deque[str] = collections.deque(maxlen=SETUP_TAIL_LINES)
+        self.count = self.events = self.unsent = 0
+
+    def call(self, step: SetupStep) -> None:
+        info("setup command started", name=step.name)
+        self.sender.put(self.parser.event(
+            "tool_call", _first_line(step.command), tool=SETUP_TOOL,
+            input={"command": self.redact.head(step.command, TEXT_LIMIT)}, metadata=self.metadata,
+        ))  # fmt: skip
+
+    def feed(self, data: bytes) -> None:
+        if not self.partial:
+            self.partial_since = time.monotonic()
+        *lines, self.partial = (self.partial + data).split(b"\n")
+        for line in lines:
+            self.line(line)
+        if len(self.partial) > SETUP_LINE_CHARS * 4:  # a progress bar that never ends its line
+            self.end_partial()
+
+    def end_partial(self) -> None:
+        if self.partial:
+            self.line(self.partial)
+            self.partial = b""
+
+    def line(self, raw: bytes) -> None:
+        # What a terminal shows: the text after the last carriage return.
+        text = raw.decode("utf-8", "replace").rstrip("\r").rsplit("\r", 1)[-1]
+        text = self.redact.head(text, SETUP_LINE_CHARS)
+        self.count += 1
+        self.tail.append(text)
+        info("setup output", line=text)
+        if self.events >= self.max_events:
+            self.unsent += 1
+            return
+        if not self.pending:
+            self.since = time.monotonic()
+        self.pending.append(text)
+        if len(self.pending) >= self.lines or sum(map(len, self.pending)) >= TEXT_LIMIT:
+            self.flush()
+
+    def due(self) -> float | None:
+        """When tick() has lines to send (time.monotonic()), or None."""
+        times = [self.since] if self.pending else []
+        times += [self.partial_since] if self.partial else []
+        return min(times) + self.interval if times else None
+
+    def tick(self) -> None:
+        """Sends what waited its interval: a line not ended yet counts as one."""
+        now = time.monotonic()
+        if self.partial and now >= self.partial_since + self.interval:
+            self.end_partial()
+            self.flush()
+        elif self.pending and now >= self.since + self.interval:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        text = clip("\n".join(self.pending), TEXT_LIMIT)
+        self.sender.put(self.parser.event(
+            "tool_result", self.pending[0] or "(blank line)", tool=SETUP_TOOL,
+            metadata={**self.metadata, "text": text, "lines": len(self.pending)},
+        ))  # fmt: skip
+        self.events += 1
+        self.pending = []
+
+    def done(self, ok: bool, outcome: str, exit_code: int | None, seconds: float) -> None:
+        self.end_partial()
+        self.flush()
+        note = f"; {_plural(self.unsent, 'line')} in the log only" if self.unsent else ""
+        summary = f"setup {'ok' if ok else 'failed'}: {outcome}{note}"
+        self.sender.put(self.parser.event(
+            "tool_result", summary, tool=SETUP_TOOL,
+            output={"success": ok, "summary": clip(summary, SUMMARY_LIMIT)},
+            metadata={**self.metadata, "exit_code": exit_code, "seconds": seconds,
+                      "lines": self.count},
+        ))  # fmt: skip
+        log = info if ok else warn
+        log("setup command finished", outcome=outcome, lines=self.count, seconds=seconds)
+
+
+@contextlib.contextmanager
+def _readable_once_set(event: threading.Event) -> Iterator[int]:
+    """A descriptor that turns readable once `event` is set, for a selector."""
+    read_fd, write_fd = os.pipe()
+    poker = threading.Thread(
+        target=lambda: (event.wait(), os.write(write_fd, b"\0")), name="setup-wake", daemon=True
+    )
+    poker.start()
+    try:
+        yield read_fd
+    finally:
+        event.set()
+        poker.join()  # it has written: the pipe can go
+        os.close(read_fd)
+        os.close(write_fd)
+
+
+def _read_into(fd: int, output: SetupOutput, limit: int = 1 << 20) -> bool:
+    """Feeds `output` what `fd` holds now (at most `limit` bytes); False at its end."""
+    taken = 0
+    try:
+        while taken < limit:
+            chunk = os.read(fd, 64 << 10)
+            if not chunk:
+                return False
+            output.feed(chunk)
+            taken += len(chunk)
+    except BlockingIOError:
+        pass
+    return True
+
+
+def run_setup_command(
+    argv: list[str], *, cwd: str, env: Mapping[str, str], output: SetupOutput, stop: Stop,
+    deadline: float | None, grace: float = KILL_GRACE,
+) -> tuple[int | None, str]:  # fmt: skip
+    """Runs one setup command: (its exit code, why the runner stopped it: '', 'timeout', 'signal').
+
+    stdout and stderr are one pipe, read as it comes without ever blocking
+    on it, so a process left holding it (`server &`) cannot hold the runner.
+    However the command ends, every process it started goes too: they carry
+    SHEPHERD_RUN_ID (`env` must have it), wherever they are in the tree.
+    """
+    marker = f"SHEPHERD_RUN_ID={env['SHEPHERD_RUN_ID']}".encode()
+    if stop.signum is not None:
+        return None, "signal"
+    try:
+        proc = subprocess.Popen(
+            argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    except OSError as exc:
+        output.line(f"{argv[0]}: {exc.strerror or exc}".encode())
+        return (127 if isinstance(exc, FileNotFoundError) else 126), ""
+    fd = proc.stdout.fileno()  # type: ignore[union-attr]
+    os.set_blocking(fd, False)
+    wake, exited, why = stop.subscribe(threading.Event()), threading.Event(), ""
+
+    def wait_exit() -> None:
+        proc.wait()
+        exited.set()
+        wake.set()
+
+    threading.Thread(target=wait_exit, name="setup-exit", daemon=True).start()
+    with _readable_once_set(wake) as woken, selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        selector.register(woken, selectors.EVENT_READ)
+        while not exited.is_set():
+            now = time.monotonic()
+            if stop.signum is not None or (deadline is not None and now >= deadline):
+                why = "signal" if stop.signum is not None else "timeout"
+                break
+            output.tick()
+            due = min((t for t in (deadline, output.due()) if t is not None), default=None)
+            for key, _ in selector.select(None if due is None else max(due - now, 0)):
+                if key.fd == fd and not _read_into(fd, output):
+                    selector.unregister(fd)  # it closed its output; its exit comes next
+        if why:
+            warn("stopping setup", reason=why)
+        # What it left running goes too, which also closes every copy of its output.
+        if count := stop_processes(marker, grace):
+            info("setup processes stopped", count=count)
+        _read_into(fd, output)  # what came before the end; never waits for more
+    proc.stdout.close()  # type: ignore[union-attr]
+    return (None if why else proc.wait()), why
+
+
+def run_setup(
+    steps: list[SetupStep], *, cwd: str, env: Mapping[str, str], env_file: str,
+    sender: EventSender, parser: StreamParser, stop: Stop,
+    limit: float | None, limit_name: str = "SHEPHERD_SETUP_TIMEOUT",
+) -> SetupResult:  # fmt: skip
+    """Runs `steps` in order until one fails, within `limit` seconds in all.
+
+    Whatever they write to $SHEPHERD_ENV (`env_file`) is read back, also when one failed.
+    """
+    if not steps:
+        return SetupResult()
+    result, started = SetupResult(status="ok"), time.monotonic()
+    deadline = None if limit is None else started + limit
+    env = {**env, "SHEPHERD_ENV": env_file}
+    try:
+        with open(env_file, "w"):
+            pass
+    except OSError as exc:
+        raise Failure(f"HOME is not writable: {exc.filename}: {exc.strerror}") from None
+    for number, step in enumerate(steps, 1):
+        output = SetupOutput(sender, parser, f"setup-{number}")
+        output.call(step)
+        begun = time.monotonic()
+        code, why = run_setup_command(
+            step.argv, cwd=cwd, env=env, output=output, stop=stop, deadline=deadline
+        )
+        seconds = round(time.monotonic() - begun, 3)
+        outcome = _setup_outcome(code, why, limit, limit_name, stop)
+        ok = code == 0 and not why
+        output.done(ok, f"{outcome} after {seconds:g}s", code, seconds)
+        result.exit_code = code
+        if not ok:
+            result.status = "timeout" if why == "timeout" else "failed"
+            result.failed, result.tail = f"{step.name} {outcome}", list(output.tail)
+            break
+    result.seconds = round(time.monotonic() - started, 3)
+    result.env = read_setup_env(env_file)
+    with contextlib.suppress(OSError):
+        os.unlink(env_file)  # the values may be secrets
+    return result
+
+
+def _setup_outcome(
+    code: int | None, why: str, limit: float | None, limit_name: str, stop: Stop
+) -> str:
+    if why == "timeout":
+        return f"timed out after {_duration(limit or 0)} ({limit_name})"
+    if why == "signal":
+        return f"was stopped: {stop.reason}"
+    if code is not None and code < 0:
+        return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with {code}"
+
+
+def setup_context(result: SetupResult) -> str:
+    """The end of ~/task-context.md when setup failed: what failed, its last lines."""
+    text, removed = sanitize_task_text("\n".join(result.tail))
+    if removed:
+        info("setup output sanitized", removed_chars=removed)
+    fence = "`" * max(3, 1 + max(map(len, re.findall(r"`+", text)), default=0))
+    lines = _plural(len(result.tail), "line")
+    return (
+        f"\n\n## The repository's setup failed\n\n{result.failed}. Its last {lines} of "
+        f"output:\n\n{fence}text\n{text}\n{fence}\n"
+    )
+
+
+# The {setup} paragraph of PROMPT when setup failed.
+SETUP_PROMPT = """
+The repository's setup failed ({failed}), so what it installs may be missing: its \
+last lines of output are at the end of {context_path}.
+"""
+
+
+# ---------------------------------------------------------------------------
 # configuration
 # ---------------------------------------------------------------------------
 
@@ -2248,6 +2627,8 @@ class Config:
     github_api_url: str
     pr_draft: bool
     log_format: str = "text"
+    setup_command: str = ""
+    setup_timeout: float | None = 900.0  # DEFAULT_SETUP_TIMEOUT
 
 
 def parse_addr(value: str) -> tuple[str, int]:
@@ -2257,7 +2638,8 @@ def parse_addr(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def parse_idle_timeout(value: str) -> float | None:
+def parse_limit(value: str) -> float | None:
+    """A duration as parse_timeout reads it, or 0 (in any unit) for no limit."""
     if re.fullmatch(r"\s*0+(\.0*)?\s*[smh]?\s*", value):
         return None
     return parse_timeout(value)
@@ -2383,8 +2765,16 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "agent deadline: 90, 30s, 25m, 1h (none if empty)",
     )  # fmt: skip
     setting(
-        "--idle-timeout", "SHEPHERD_IDLE_TIMEOUT", DEFAULT_IDLE_TIMEOUT, parse_idle_timeout,
+        "--idle-timeout", "SHEPHERD_IDLE_TIMEOUT", DEFAULT_IDLE_TIMEOUT, parse_limit,
         "stop the agent after this long without a line of output; 0 for never",
+    )  # fmt: skip
+    setting(
+        "--setup-command", "SHEPHERD_SETUP_COMMAND", "", str,
+        "run with bash -c in the clone before the repository's .shepherd/setup.sh",
+    )  # fmt: skip
+    setting(
+        "--setup-timeout", "SHEPHERD_SETUP_TIMEOUT", DEFAULT_SETUP_TIMEOUT, parse_limit,
+        "limit for the setup command and .shepherd/setup.sh together; 0 for none",
     )  # fmt: skip
     setting(
         "--allowed-api-urls", "SHEPHERD_ALLOWED_API_URLS", "", parse_url_list,
@@ -2425,6 +2815,8 @@ def parse_config(argv: list[str], environ: Mapping[str, str]) -> Config:
         github_api_url=args.github_api_url.rstrip("/"),
         pr_draft=args.pr_draft,
         log_format=args.log_format,
+        setup_command=args.setup_command,
+        setup_timeout=args.setup_timeout,
     )
 
 
