@@ -178,7 +178,7 @@ def test_lines_past_the_event_limit_go_to_the_log_only_and_the_result_says_so(se
     env = {"PATH": os.environ["PATH"], "SHEPHERD_RUN_ID": setup.run_id}
     code, why = sr.run_setup_command(
         steps[0].argv, cwd=str(setup.repo), env=env, output=output, stop=setup.stop,
-        deadline=None,
+        limits=sr.Limits(),
     )  # fmt: skip
     output.done(True, "exited with 0", code, 0.1)
     sender.close()
