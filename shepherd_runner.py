@@ -2773,7 +2773,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     setting("--model", "SHEPHERD_MODEL", "", str, "model passed as --model (CLI default if empty)")
     setting(
         "--task-timeout", "SHEPHERD_TASK_TIMEOUT", "", parse_timeout,
-        "agent deadline: 90, 30s, 25m, 1h (none if empty)",
+        "deadline of the repository's setup and the agent: 90, 30s, 25m, 1h (none if empty)",
     )  # fmt: skip
     setting(
         "--idle-timeout", "SHEPHERD_IDLE_TIMEOUT", DEFAULT_IDLE_TIMEOUT, parse_limit,

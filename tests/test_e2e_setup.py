@@ -47,7 +47,9 @@ def task(tmp_path, home, api, github, token, claude_bin):
         model = runner = None
 
         def finish(self, setup, script, runner_class=Runner, **extra):
-            files = {"README.md": "hello\n", SCRIPT: "#!/bin/bash\n" + setup}
+            files = {"README.md": "hello\n"}
+            if setup is not None:
+                files[SCRIPT] = "#!/bin/bash\n" + setup
             repo_url = github.create_repo("acme", "widgets", files=files, executable=(SCRIPT,))
             api.add_task(TASK, repo_url=repo_url, token=token, context="Greeting in README.md.")
             self.model = FakeModel(script).start()
@@ -98,6 +100,13 @@ def test_setup_installs_a_command_and_a_variable_that_the_agent_then_uses_by_nam
     saw = task.model_saw()
     assert "greeter says hi" in saw and "FOO is bar" in saw, saw[-2000:]
     assert "setup failed" not in saw
+
+
+def test_without_a_setup_the_report_says_none_and_no_setup_event_is_sent(task, api):
+    terminal = task.finish(None, [end("Nothing to do.")])
+    assert terminal["details"]["setup"] == {"status": "none", "exit_code": None, "seconds": 0.0}
+    assert task.setup_events() == []
+    assert " setup started" not in task.runner.output
 
 
 def test_setup_runs_before_the_first_model_request_and_its_lines_reach_the_api(task, api):

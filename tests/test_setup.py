@@ -13,6 +13,7 @@ import logging
 import os
 import secrets
 import signal
+import sys
 import threading
 import time
 
@@ -291,6 +292,20 @@ def test_a_script_that_cannot_be_executed_fails_with_the_reason(setup):
     result = setup.run()
     assert (result.status, result.exit_code) == ("failed", 126)
     assert result.tail == [f"{setup.repo / '.shepherd' / 'setup.sh'}: Exec format error"]
+
+
+def test_the_agent_gets_what_setup_left_of_the_task_timeout(tmp_path):
+    script = tmp_path / "agent.py"
+    script.write_text("import time\ntime.sleep(60)\n")
+    start = time.monotonic()
+    run = sr.run_agent(
+        [sys.executable, str(script)], cwd=str(tmp_path),
+        env={"PATH": os.environ["PATH"], "SHEPHERD_RUN_ID": "unit-" + tmp_path.name},
+        sender=sr.EventSender(lambda batch: 200), parser=sr.StreamParser(sr.Redactor()),
+        stop=sr.Stop(), limits=sr.Limits(timeout=60, spent=59.5), grace=1,
+    )  # fmt: skip
+    assert time.monotonic() - start < 10
+    assert run.stopped == "timed out after 1m (SHEPHERD_TASK_TIMEOUT)"
 
 
 # ---------------------------------------------------------------------------
