@@ -2331,8 +2331,9 @@ def setup_steps(repo_dir: str, command: str) -> list[SetupStep]:
 
     Without either it costs one stat.
     """
-    steps = [SetupStep("SHEPHERD_SETUP_COMMAND", command, ["bash", "-c", command])]
-    steps = steps if command else []
+    steps = []
+    if command:
+        steps.append(SetupStep("SHEPHERD_SETUP_COMMAND", command, ["bash", "-c", command]))
     path = os.path.join(repo_dir, SETUP_SCRIPT)
     try:
         mode = os.stat(path).st_mode
