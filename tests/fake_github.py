@@ -192,8 +192,13 @@ class FakeGitHub(GitData, LoopbackServer):
 
     # -- test-facing API ------------------------------------------------
 
-    def create_repo(self, owner, name, files=None, default_branch="main", allow_filter=True) -> str:
-        """A bare repo with one commit of `files` (default: a README); returns its clone URL."""
+    def create_repo(
+        self, owner, name, files=None, default_branch="main", allow_filter=True, executable=()
+    ) -> str:
+        """A bare repo with one commit of `files` (default: a README); returns its clone URL.
+
+        The paths in `executable` are committed with their executable bit.
+        """
         if not self.url:
             raise RuntimeError("start() the server before create_repo()")
         files = {"README.md": "hello\n"} if files is None else files
@@ -205,6 +210,7 @@ class FakeGitHub(GitData, LoopbackServer):
                 path = Path(work, rel)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(text)
+                path.chmod(0o755 if rel in executable else 0o644)
             _git("-C", work, "add", "-A")
             _git("-C", work, "commit", "-q", "--allow-empty", "-m", "Initial commit")
             _git("-C", work, "push", "-q", bare, f"HEAD:refs/heads/{default_branch}")
