@@ -1467,8 +1467,10 @@ class Stop:
         self.at = 0.0  # time.monotonic() of the first signal: the pod's grace runs from it
         self._events: list[threading.Event] = []
         self._lock = threading.Lock()
+        self.installed = False
 
     def install(self) -> None:
+        self.installed = True
         read_fd, write_fd = os.pipe()
         os.set_blocking(write_fd, False)
         signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
@@ -1478,6 +1480,18 @@ class Stop:
 
     def _record(self, signum: int, _frame: Any) -> None:
         self.signum = signum
+
+    def hold(self) -> None:
+        """From now on SIGTERM and SIGINT are ignored: the exit code is settled.
+
+        CPython puts the default handlers back while it shuts down, after
+        `main` returns; a signal then (the pod deleted as soon as the operator
+        sees the terminal status) would end the process with 143 or 130. An
+        ignored signal stays ignored to the end.
+        """
+        if self.installed:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_IGN)
 
     def _wake(self, read_fd: int) -> None:
         while data := os.read(read_fd, 1):
@@ -3248,12 +3262,14 @@ def main(
     _preflight(cfg, environ)
     ctx = Context(environ=environ, home=home or os.path.expanduser("~"), redact=redact)
     ctx.stop.install()
+    ending = serve(cfg, ctx)
+    ctx.stop.hold()
     return {
         Ending.REPORTED: EXIT_OK,
         Ending.NOTHING_TO_DO: EXIT_OK,
         Ending.UNREPORTED: EXIT_UNDELIVERED,
         Ending.CANNOT_LISTEN: EXIT_LISTEN,
-    }[serve(cfg, ctx)]
+    }[ending]
 
 
 if __name__ == "__main__":
