@@ -2901,10 +2901,12 @@ class TaskRun:
             outcome = self._flow()
         except TaskGone as exc:
             info("task is already terminal; nothing to do", task_id=task_id, reason=str(exc))
+            log_task_summary("nothing_to_do", self.details)
             return Ending.NOTHING_TO_DO
         except (Failure, ApiError) as exc:
             if isinstance(exc, ApiError) and exc.status == 404:
                 error("task unknown to the API; cannot report", task_id=task_id, error=str(exc))
+                log_task_summary("unreported", self.details)
                 return Ending.UNREPORTED
             extra = getattr(exc, "details", {})
             outcome = Outcome("failed", str(exc), {"error": str(exc), **extra})
