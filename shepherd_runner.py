@@ -2615,25 +2615,97 @@ _INVISIBLE_RE = re.compile(
 _COMMENT_RE = re.compile(r"<!--(?:-?>|.*?-->|.*)", re.DOTALL)
 
 
+# A link reference definition (CommonMark 4.7): `[label]: destination`, with
+# an optional "title", 'title' or (title), on lines of its own (in a quote or a
+# list item too); the destination and the title may start a line of their own.
+# GitHub shows nothing of it, and one that no link uses is markdown's comment:
+# `[//]: # (hidden text)`. A label or title never holds a blank line.
+_BREAK = r"[ \t]*\n(?:[ \t]*>)*[ \t]*"  # a line break inside a definition
+_TEXT_BREAK = r"\n(?![ \t>]*\n)"  # a line break inside its label or title
+_LINK_DEF_RE = re.compile(
+    rf"""^(?:[ \t]*(?:>|[-+*][ \t]|\d{{1,9}}[.)][ \t]))*[ \t]*
+    \[(?P<label>(?:[^\[\]\\\n]|\\.|{_TEXT_BREAK}){{1,999}})\]:
+    (?:[ \t]*|{_BREAK})
+    (?:<(?:[^<>\\\n]|\\.)*>|[^\s<]\S*)
+    (?:(?:[ \t]+|{_BREAK})
+      (?:"(?:[^"\\\n]|\\.|{_TEXT_BREAK})*"
+        |'(?:[^'\\\n]|\\.|{_TEXT_BREAK})*'
+        |\((?:[^()\\\n]|\\.|{_TEXT_BREAK})*\)))?
+    [ \t]*(?:\n|\Z)""",
+    re.MULTILINE | re.VERBOSE,
+)
+# Where a link uses a definition: `[text][label]`, `[label][]`, `[label]`.
+_LABEL_USE_RE = re.compile(r"\[((?:[^\[\]\\]|\\.){1,999})\]")
+
+
+def _label(text: str) -> str:
+    return " ".join(text.split()).casefold()  # labels match as CommonMark matches them
+
+
+def _drop_unused_link_definitions(text: str) -> str:
+    """`text` without the link reference definitions that no link in it uses."""
+    if "]:" not in text:
+        return text
+    used = {_label(m[1]) for m in _LABEL_USE_RE.finditer(_LINK_DEF_RE.sub("", text))}
+
+    def drop(match: re.Match[str]) -> str:
+        label = _label(match["label"])
+        return match[0] if not label or label in used else ""
+
+    return _LINK_DEF_RE.sub(drop, text)
+
+
 def sanitize_task_text(text: str) -> tuple[str, int]:
     """`text` without what GitHub does not show: (the text left, characters removed).
 
-    HTML comments go first, as GitHub parses the raw text, then the invisible
-    characters. Everything visible is kept, also what only looks like a
-    comment once they are gone (`<!<!-- -->--x-->` shows as `<!--x-->`).
+    HTML comments go first, as GitHub parses the raw text, then the link
+    reference definitions no link uses (markdown's comments), then the
+    invisible characters. Everything visible is kept, also what only looks
+    like a comment once they are gone (`<!<!-- -->--x-->` shows as `<!--x-->`).
     """
-    clean = _INVISIBLE_RE.sub("", _COMMENT_RE.sub("", text))
+    clean = _drop_unused_link_definitions(_COMMENT_RE.sub("", text))
+    clean = _INVISIBLE_RE.sub("", clean)
     return clean, len(text) - len(clean)
 
 
+SOURCE_URL_MAX = 2048
+
+
+def source_url_problem(url: str) -> str | None:
+    """Why `url` cannot be the task's sourceURL (it reaches the prompt and the PR body), or None."""
+    if len(url) > SOURCE_URL_MAX:
+        return f"it is longer than {SOURCE_URL_MAX} characters"
+    # isprintable() is False for control, format (zero-width, bidi, tags) and separator characters.
+    if not url.isprintable() or " " in url:
+        return "it has spaces, control or invisible characters"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        return "it is not a well-formed URL"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "it is not an absolute http(s) URL"
+    return None
+
+
 def sanitize_task_data(data: dict[str, Any]) -> dict[str, Any]:
-    """The task data with its description and context sanitized (they come from anyone)."""
+    """The task data with its description and context sanitized (they come from anyone).
+
+    A sourceURL that is not a plain http(s) URL is dropped, with a warning.
+    """
     clean, removed = dict(data), 0
     for key in ("description", "context"):
         if isinstance(data.get(key), str):
             clean[key], count = sanitize_task_text(data[key])
             removed += count
     info("task text sanitized", removed_chars=removed)
+    if isinstance(data.get("sourceURL"), str) and data["sourceURL"].strip():
+        url = data["sourceURL"].strip()
+        if problem := source_url_problem(url):
+            warn("sourceURL dropped", reason=problem, source_url=clip(url, 300))
+            del clean["sourceURL"]
+        else:
+            clean["sourceURL"] = url
     return clean
 
 
