@@ -470,19 +470,21 @@ def _deadline_types() -> tuple[type[Retry], type[Timeout]]:
     from urllib3.util.retry import Retry  # noqa: PLC0415
 
     class DeadlineRetry(Retry):
-        """A Retry that gives up when `deadline` (time.monotonic()) is near.
+        """A Retry bounded in time: by `deadline` (time.monotonic()), and by `stop`.
 
-        urllib3 counts tries but has no time budget. A retry starts only while
-        `min_try` seconds are left; its backoff is cut to fit (Retry-After is not
-        waited for).
+        urllib3 counts tries but has no time budget. Before a deadline a retry
+        starts only while `min_try` seconds are left, its backoff cut to fit
+        (Retry-After is not waited for). A set `stop` (a signal: the pod has
+        30 s left) ends the wait between tries and the retries at once.
         """
 
         deadline = float("inf")
         min_try = 1.0
+        stop: threading.Event | None = None
 
         def new(self, **kw: Any) -> DeadlineRetry:
             retry = super().new(**kw)
-            retry.deadline = self.deadline
+            retry.deadline, retry.stop = self.deadline, self.stop
             return retry
 
         def increment(
@@ -490,14 +492,24 @@ def _deadline_types() -> tuple[type[Retry], type[Timeout]]:
             _pool: Any = None, _stacktrace: Any = None,
         ) -> DeadlineRetry:  # fmt: skip
             retry = super().increment(method, url, response, error, _pool, _stacktrace)
+            if self.stop is not None and self.stop.is_set():
+                reason = error or ResponseError("a signal ended the retries")
+                raise MaxRetryError(_pool, url, reason) from reason
             if self.deadline - time.monotonic() < self.min_try:
                 reason = error or ResponseError("no time left to retry")
                 raise MaxRetryError(_pool, url, reason) from reason
             return retry
 
         def sleep(self, response: Any = None) -> None:
-            left = self.deadline - time.monotonic() - self.min_try
-            time.sleep(max(min(self.get_backoff_time(), left), 0))
+            wait = self.get_backoff_time()
+            if self.deadline < float("inf"):
+                wait = min(wait, self.deadline - time.monotonic() - self.min_try)
+            elif self.respect_retry_after_header and response:
+                wait = self.get_retry_after(response) or wait
+            if self.stop is None:
+                time.sleep(max(wait, 0))
+            elif self.stop.wait(max(wait, 0)):
+                raise MaxRetryError(None, "", ResponseError("a signal ended the retries"))
 
     class DeadlineTimeout(Timeout):
         """(connect, read) seconds for each try, and every try ends by `deadline`."""
@@ -514,16 +526,19 @@ def _deadline_types() -> tuple[type[Retry], type[Timeout]]:
     return DeadlineRetry, DeadlineTimeout
 
 
-def api_retry(total: int = 10, backoff: float = 1.0, deadline: float | None = None) -> Retry:
+def api_retry(
+    total: int = 10,
+    backoff: float = 1.0,
+    deadline: float | None = None,
+    stop: threading.Event | None = None,
+) -> Retry:
     """Connection errors, 429 and 5xx, with exponential backoff and jitter.
 
     The defaults wait 0, 2, 4, 8, then 15 s at most between tries: about 90 s in
     all, which outlasts an API restart. With a `deadline` (time.monotonic())
-    no try starts after it (DeadlineRetry).
+    no try starts after it; once `stop` is set, none starts at all.
     """
-    from urllib3.util.retry import Retry  # noqa: PLC0415 - see the import block
-
-    retry = (Retry if deadline is None else _deadline_types()[0])(
+    retry = _deadline_types()[0](
         total=total,
         status_forcelist=RETRY_STATUSES,
         allowed_methods=None,  # POST /status is idempotent: terminal events dedupe
@@ -535,18 +550,28 @@ def api_retry(total: int = 10, backoff: float = 1.0, deadline: float | None = No
     )
     if deadline is not None:
         retry.deadline = deadline
+    retry.stop = stop
     return retry
 
 
-def token_retry(total: int = 5, backoff: float = 1.0) -> Retry:
+def token_retry(total: int = 5, backoff: float = 1.0, stop: threading.Event | None = None) -> Retry:
     # The server burns the token before it answers, so only a request that
     # never reached it (refused, DNS, connect timeout) may be sent again.
-    from urllib3.util.retry import Retry  # noqa: PLC0415 - see the import block
-
-    return Retry(
+    retry = _deadline_types()[0](
         total=total, connect=total, read=0, status=0, other=0, redirect=0,
         backoff_factor=backoff, backoff_max=15, raise_on_status=False,
     )  # fmt: skip
+    retry.stop = stop
+    return retry
+
+
+def stopped_by(retry: Retry, stop: threading.Event | None) -> Retry:
+    """A copy of `retry` (api_retry's or token_retry's) whose retries a set `stop` ends."""
+    if stop is None:
+        return retry
+    retry = retry.new()
+    retry.stop = stop
+    return retry
 
 
 class Token(typing.NamedTuple):
@@ -586,20 +611,22 @@ class ShepherdAPI:
         token_retries: Retry | None = None,
         timeout: tuple[float, float] = API_TIMEOUT,
         redact: Redactor | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
+        """`stop` (set by a signal) ends the retries of every call at once."""
         import requests  # noqa: PLC0415 - see the import block
         from requests.adapters import HTTPAdapter  # noqa: PLC0415
 
+        retry = stopped_by(retry or api_retry(), stop)
+        token_retries = stopped_by(token_retries or token_retry(), stop)
         self.task_id = task_id
         self.base = f"{api_url.rstrip('/')}/api/v1/tasks/{urllib.parse.quote(task_id, safe='')}"
         self.session = session or requests.Session()
         self.timeout = timeout
         self.redact = redact or Redactor()
         # requests picks the longest mounted prefix, so /token gets its own rules.
-        self.session.mount(self.base + "/", HTTPAdapter(max_retries=retry or api_retry()))
-        self.session.mount(
-            self.base + "/token", HTTPAdapter(max_retries=token_retries or token_retry())
-        )
+        self.session.mount(self.base + "/", HTTPAdapter(max_retries=retry))
+        self.session.mount(self.base + "/token", HTTPAdapter(max_retries=token_retries))
         self.session.mount(self.base + "/events", HTTPAdapter(max_retries=0))
 
     def _request(
@@ -796,12 +823,13 @@ class GitHub:
         session: requests.Session | None = None,
         timeout: tuple[float, float] = GITHUB_TIMEOUT,
         retries: int = 3,
+        stop: threading.Event | None = None,
     ) -> None:
+        """`stop` (set by a signal) ends the retries of every call at once."""
         import requests  # noqa: PLC0415 - see the import block
         from requests.adapters import HTTPAdapter  # noqa: PLC0415
-        from urllib3.util.retry import Retry  # noqa: PLC0415
 
-        self.repo = repo
+        self.repo, self.stop = repo, stop
         self.api = (api_url or repo.api_url).rstrip("/")
         self.session = session or requests.Session()
         self.session.headers.update(
@@ -813,17 +841,11 @@ class GitHub:
         )
         # GETs are retried; a POST is not (it could open a second PR): the
         # caller looks for the PR again instead.
-        self.session.mount(
-            self.api + "/",
-            HTTPAdapter(
-                max_retries=Retry(
-                    total=retries,
-                    status_forcelist=RETRY_STATUSES,
-                    backoff_factor=0.5,
-                    raise_on_status=False,
-                )  # fmt: skip
-            ),
-        )
+        retry = _deadline_types()[0](
+            total=retries, status_forcelist=RETRY_STATUSES, backoff_factor=0.5,
+            raise_on_status=False,
+        )  # fmt: skip
+        self.session.mount(self.api + "/", HTTPAdapter(max_retries=stopped_by(retry, stop)))
         self.timeout = timeout
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -2806,16 +2828,19 @@ def _validate_ref(ref: str) -> None:
         raise Failure(f"repository ref {ref!r} is not an acceptable branch or tag name")
 
 
-def source_pull(github: GitHub, number: int) -> tuple[dict[str, Any] | None, str]:
+def source_pull(
+    github: GitHub, number: int, sleep: Callable[[float], Any] = time.sleep
+) -> tuple[dict[str, Any] | None, str]:
     """Pull request `number`, the one the task was written on: (pull, why_not).
 
     `why_not` is "" when the task continues it (open, its head in this
     repository), else why the work goes to a new pull request instead. None
-    when it does not exist: the task is then an ordinary one.
+    when it does not exist: the task is then an ordinary one. `sleep` waits
+    between tries.
     """
     what = f"fetching pull request #{number}"
     try:
-        pull = retrying(lambda: github.get_pull(number), time.monotonic() + 60, what)
+        pull = retrying(lambda: github.get_pull(number), time.monotonic() + 60, what, sleep)
     except GitHubError as exc:
         if exc.status == 404:
             info("the task's pull request does not exist; the usual flow", number=number)
@@ -2856,11 +2881,12 @@ def source_pull(github: GitHub, number: int) -> tuple[dict[str, Any] | None, str
     return pull, why_not
 
 
-def pull_context(github: GitHub, number: int) -> str:
+def pull_context(github: GitHub, number: int, sleep: Callable[[float], Any] = time.sleep) -> str:
     """The review comments of pull request `number`, for ~/task-context.md."""
     what = f"fetching the review comments of pull request #{number}"
+    deadline = time.monotonic() + 30
     try:
-        comments = retrying(lambda: github.review_comments(number), time.monotonic() + 30, what)
+        comments = retrying(lambda: github.review_comments(number), deadline, what, sleep)
     except GitHubError as exc:
         warn("the agent goes without the review comments", error=str(exc))
         return f"\n\n## Review comments on pull request #{number}\n\n(they could not be fetched)\n"
@@ -3001,16 +3027,17 @@ class TaskRun:
 
     def __init__(self, cfg: Config, assignment: Assignment, ctx: Context) -> None:
         self.cfg, self.assignment, self.ctx = cfg, assignment, ctx
+        self.signalled = ctx.stop.subscribe(threading.Event())
         self.api = ShepherdAPI(
-            assignment.api_url, assignment.task_id, session=ctx.session,
-            retry=ctx.retry, token_retries=ctx.token_retries, redact=ctx.redact,
+            assignment.api_url, assignment.task_id, session=ctx.session, retry=ctx.retry,
+            token_retries=ctx.token_retries, redact=ctx.redact, stop=self.signalled,
         )  # fmt: skip
         self.details: dict[str, Any] = _no_metrics()
         # Marks every process started for this task (the clone, the agent and
         # all it starts) so that a signal can stop them wherever they are.
         self.run_id = secrets.token_hex(8)
         self.state_dir = state_dir(ctx.home)
-        self.signalled = ctx.stop.subscribe(threading.Event())
+        self.last_push = False  # the push after a signal: it waits within its own budget
         self.parser = StreamParser(ctx.redact)  # one event sequence for the whole task
         self.sender: EventSender | None = None
 
@@ -3025,12 +3052,19 @@ class TaskRun:
             timeout=_deadline_types()[1](*SIGNAL_STATUS_TIMEOUT, deadline), redact=self.ctx.redact,
         )  # fmt: skip
 
-    def _sleep(self, seconds: float) -> None:
-        """Waits between retries; a signal during the wait ends the conclusion.
+    def _report(self, event: str, message: str, details: dict[str, Any]) -> bool:
+        """The one terminal status; a signal that ends its retries leaves it to `_reporter`."""
+        if self.ctx.stop.signum is None and self.api.report_status(event, message, details):
+            return True
+        signalled = self.ctx.stop.signum is not None
+        return signalled and self._reporter().report_status(event, message, details)
 
-        After a signal, waits are the last push's own, within its budget.
+    def _sleep(self, seconds: float) -> None:
+        """Waits between retries; a signal, before or during the wait, ends the step.
+
+        After a signal only the last push waits, within its own budget.
         """
-        if self.signalled.is_set():
+        if self.last_push:
             time.sleep(seconds)
         elif self.signalled.wait(seconds):
             raise Failure(self.ctx.stop.reason)
@@ -3076,7 +3110,7 @@ class TaskRun:
         # answers /events with 410 from the first terminal status on.
         self._close_events()
         details = {**self.details, **outcome.details, "reported_by": "shepherd-runner"}
-        delivered = self._reporter().report_status(outcome.event, outcome.message, details)
+        delivered = self._report(outcome.event, outcome.message, details)
         if not delivered:
             error("terminal status lost", event=outcome.event, message=outcome.message)
         info("task finished", task_id=task_id, status=outcome.event, delivered=delivered)
@@ -3088,7 +3122,9 @@ class TaskRun:
         started_at = time.time()
         data, repo = self._task_data()
         token = self._token()
-        github = GitHub(repo, token.value, api_url=self.cfg.github_api_url or None)
+        github = GitHub(
+            repo, token.value, api_url=self.cfg.github_api_url or None, stop=self.signalled
+        )
         source = self._source_pull(data, repo, github)
         context_path = self._stage_home(data, source)
         gitenv = git_env(self.ctx.environ, repo.url, token.value)
@@ -3142,9 +3178,9 @@ class TaskRun:
         source = SourcePull(number=pull_number(data.get("sourceURL") or "", repo) or 0)
         if source.number:
             with step("fetch pull request", number=source.number):
-                source.pull, source.why_not = source_pull(github, source.number)
+                source.pull, source.why_not = source_pull(github, source.number, self._sleep)
                 if source.pull:
-                    source.comments = pull_context(github, source.number)
+                    source.comments = pull_context(github, source.number, self._sleep)
         return source
 
     def _stage_home(self, data: dict[str, Any], source: SourcePull) -> str:
@@ -3294,6 +3330,7 @@ class TaskRun:
         if state.token_expired(time.time()):
             kept = expired_outcome(state, branch.git, branch, details)
             return Outcome("failed", f"{reason}; {kept.message}", kept.details | {"error": reason})
+        self.last_push = True
         with step("last push", commits=ahead):
             try:
                 branch.push(time.monotonic() + LAST_PUSH_BUDGET)
