@@ -1959,6 +1959,7 @@ class Branch:
         self.remote: str | None = None  # the remote branch's sha as last seen; "": absent
         self.pull_url = ""
         self.lock = threading.Lock()
+        self.own: Branch | None = None  # where save_work puts the work once this one moved
         if record:
             with contextlib.suppress(OSError, ValueError, AttributeError):
                 with open(record, encoding="utf-8") as f:
@@ -2282,11 +2283,11 @@ class Backup:
         local = self.branch.head()  # the one subprocess of a tick when nothing changed
         if not local or local == self.state.base_sha:
             return
-        if local != self.branch.remote:
+        if local != (self.branch.own or self.branch).remote:
             start = time.monotonic()
-            self.branch.push(time.monotonic())  # one try: the next tick is the retry
+            saved = save_work(self.branch, time.monotonic())  # one try: the next tick retries
             seconds = round(time.monotonic() - start, 3)
-            info("branch backed up", branch=self.state.branch, sha=local[:7], seconds=seconds)
+            info("branch backed up", branch=saved.state.branch, sha=local[:7], seconds=seconds)
             self.problem = ""
         left = self.state.token_expires_at - self.now()
         if self.state.token_expires_at and left < TOKEN_MARGIN and not self.branch.pull_url:
@@ -2303,6 +2304,40 @@ class Backup:
             self.branch.save()
             info("draft pull request keeps the work before the token expires",
                  pr_url=self.branch.pull_url, expires=expiry)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------
+# a continued pull request whose branch moved: the work is kept on shepherd/{taskID}
+# ---------------------------------------------------------------------------
+
+
+def save_work(branch: Branch, deadline: float) -> Branch:
+    """Pushes the work of the task's branch; returns the Branch that now holds it.
+
+    That is `branch` itself, unless it is a continued pull request's branch
+    that someone pushed to while the agent worked (the push is refused as
+    non-fast-forward, and it is never forced): from then on the work goes to
+    the runner's own branch shepherd/{taskID}, so that it is never only in the
+    pod. The conclusion still rebases it onto the pull request's branch, or
+    opens the pull request that links it (onto_moved_branch).
+    """
+    if branch.own is None:
+        try:
+            branch.push(deadline)
+            return branch
+        except BranchMoved:
+            state = branch.state
+            own = dataclasses.replace(state, branch=BRANCH_PREFIX + state.task_id, owns_branch=True)
+            branch.own = Branch(branch.git, own, sleep=branch.sleep)
+            warn("the pull request's branch moved; the work is saved on the runner's own branch",
+                 branch=state.branch, saved_on=own.branch)  # fmt: skip
+    own = branch.own
+    try:  # its local ref follows the pull request's, which the agent works on
+        branch.git("branch", "--force", own.state.branch, f"refs/heads/{branch.state.branch}")
+    except CommandError as exc:
+        raise PushError(f"keeping the work on {own.state.branch} failed: {exc}", False) from None
+    own.push(deadline)
+    return own
 
 
 # ---------------------------------------------------------------------------
@@ -3333,14 +3368,15 @@ class TaskRun:
         self.last_push = True
         with step("last push", commits=ahead):
             try:
-                branch.push(time.monotonic() + LAST_PUSH_BUDGET)
+                kept = save_work(branch, time.monotonic() + LAST_PUSH_BUDGET)
             except PushError as exc:
                 message = f"{reason}; its {_plural(ahead, 'commit')} could not be pushed ({exc})"
                 return Outcome("failed", message, details)
-        where = branch.where(details)
-        return Outcome(
-            "failed", f"{reason}; its work ({_plural(ahead, 'commit')}) is on {where}", details
-        )
+        details["branch"] = kept.state.branch
+        message = f"{reason}; its work ({_plural(ahead, 'commit')}) is on {kept.where(details)}"
+        if kept is not branch:
+            message += f": the branch of pull request {state.pull_url} moved while the agent worked"
+        return Outcome("failed", message, details)
 
 
 def scrub_files(roots: Iterable[str], redact: Redactor, secret: str) -> int:

@@ -1,4 +1,5 @@
-"""Signals at the edges of a run: after the report, and during the API's retries.
+"""Signals at the edges of a run: after the report, during the API's retries, and
+on a continued pull request whose branch moved.
 
 The runner runs as production does (tests/harness.py), the agent is
 tests/stand_in_agent.py, the API and GitHub are the loopback fakes.
@@ -101,3 +102,43 @@ def test_a_signal_ends_the_retries_of_the_tasks_pull_request_on_github(tmp_path)
     with pytest.raises(sr.Failure, match=r"^terminated \(SIGTERM\)"):
         sr.source_pull(github, 7, run._sleep)
     assert time.monotonic() - start < 1 and len(calls) == 2  # 60 s of retries otherwise
+
+
+FEATURE = "feature/greeting"
+
+
+@pytest.mark.parametrize("saved_by", ["backup", "last push"])
+def test_sigterm_on_a_pull_request_whose_branch_moved_keeps_the_work_on_the_runners_branch(
+    world, api, github, tmp_path, saved_by
+):
+    github.commit_to("acme", "widgets", FEATURE, {"feature.txt": "one\n"}, "Start the feature")
+    pull = github.add_pull("acme", "widgets", FEATURE, title="Greeting feature")
+    api.add_task(TASK, repo_url=world.repo_url, token=github.token, source_url=pull["html_url"])
+    gate = tmp_path / "gate"
+    # "last push": the agent signals the runner right after its commit, before
+    # the backup's next look (every 2 s) could save it.
+    extra = {"STAND_IN_TERM_RUNNER": "1"} if saved_by == "last push" else {}
+    runner = world.start("gated-hang", STAND_IN_GATE=str(gate), **extra)
+    runner.assign(TASK, api.url)
+    runner.wait_for(r" INFO agent process started ")  # cloned on the pull request's branch
+    theirs = github.commit_to("acme", "widgets", FEATURE, {"NOTES.md": "x\n"}, "Their change")
+    gate.touch()  # the agent commits on the branch as it was cloned
+    if saved_by == "backup":
+        runner.wait_for(rf" INFO branch backed up branch=shepherd/{TASK} ")
+        runner.proc.send_signal(signal.SIGTERM)
+    assert runner.wait(timeout=sr.POD_GRACE) == sr.EXIT_OK, runner.output
+    terminal = api.terminal(TASK)
+    compare = f"{github.url}/acme/widgets/compare/main...shepherd/{TASK}"
+    assert terminal["message"] == (
+        "terminated (SIGTERM): the pod is being deleted (sandbox timeout or cancellation); "
+        f"its work (1 commit) is on branch shepherd/{TASK} ({compare}): the branch of pull "
+        f"request {pull['html_url']} moved while the agent worked"
+    ), runner.output
+    assert terminal["details"]["branch"] == f"shepherd/{TASK}"
+    assert terminal["details"]["compare_url"] == compare
+    assert github.log("acme", "widgets", f"shepherd/{TASK}")[:2] == [
+        "Update greeting", "Start the feature"
+    ]  # fmt: skip
+    assert github.branch_sha("acme", "widgets", FEATURE) == theirs  # untouched
+    assert not any(p["forced"] for p in github.pushes), github.pushes
+    assert [p["html_url"] for p in github.pulls] == [pull["html_url"]]  # no new one: no time
