@@ -536,7 +536,7 @@ def api_retry(
 
     The defaults wait 0, 2, 4, 8, then 15 s at most between tries: about 90 s in
     all, which outlasts an API restart. With a `deadline` (time.monotonic())
-    no try starts after it; once `stop` is set, none starts at all.
+    no try starts after it; once `stop` is set, no retry starts.
     """
     retry = _deadline_types()[0](
         total=total,
@@ -829,7 +829,7 @@ class GitHub:
         import requests  # noqa: PLC0415 - see the import block
         from requests.adapters import HTTPAdapter  # noqa: PLC0415
 
-        self.repo, self.stop = repo, stop
+        self.repo = repo
         self.api = (api_url or repo.api_url).rstrip("/")
         self.session = session or requests.Session()
         self.session.headers.update(
@@ -845,7 +845,8 @@ class GitHub:
             total=retries, status_forcelist=RETRY_STATUSES, backoff_factor=0.5,
             raise_on_status=False,
         )  # fmt: skip
-        self.session.mount(self.api + "/", HTTPAdapter(max_retries=stopped_by(retry, stop)))
+        retry.stop = stop
+        self.session.mount(self.api + "/", HTTPAdapter(max_retries=retry))
         self.timeout = timeout
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -2799,13 +2800,14 @@ def sanitize_task_data(data: dict[str, Any]) -> dict[str, Any]:
             clean[key], count = sanitize_task_text(data[key])
             removed += count
     info("task text sanitized", removed_chars=removed)
-    if isinstance(data.get("sourceURL"), str) and data["sourceURL"].strip():
-        url = data["sourceURL"].strip()
-        if problem := source_url_problem(url):
+    if isinstance(url := data.get("sourceURL"), str):
+        url = url.strip()
+        if problem := url and source_url_problem(url):
             warn("sourceURL dropped", reason=problem, source_url=clip(url, 300))
-            del clean["sourceURL"]
-        else:
+        if url and not problem:
             clean["sourceURL"] = url
+        else:
+            del clean["sourceURL"]
     return clean
 
 
@@ -3522,7 +3524,7 @@ def main(
     ctx = Context(environ=environ, home=home or os.path.expanduser("~"), redact=redact)
     ctx.stop.install()
     ending = serve(cfg, ctx)
-    ctx.stop.hold()
+    ctx.stop.hold()  # the exit code is settled: no signal may change it now
     return {
         Ending.REPORTED: EXIT_OK,
         Ending.NOTHING_TO_DO: EXIT_OK,
