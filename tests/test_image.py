@@ -386,6 +386,20 @@ def test_the_byoi_image_has_no_python_only_the_portable_runner(byoi_image, run_a
     assert "usage: shepherd-runner serve" in proc.stdout
 
 
+def test_the_portable_runner_serves_and_stops_promptly_in_the_byoi_image(byoi_image, run_args):
+    with runner_container(byoi_image, run_args, free_port()) as ctr:
+        status, _, took = wait_healthy(ctr)
+        proc = ctr.exec("cat", "/proc/1/cmdline")
+        start = time.monotonic()
+        podman("stop", "--time", "30", ctr.name, timeout=60)
+        stopped = time.monotonic() - start
+        state = ctr.state()
+    assert status == 200
+    assert proc.stdout.split("\0")[:3] == ["/usr/bin/tini", "--", PORTABLE]
+    assert stopped < STOP_BUDGET and state["ExitCode"] == 0, state
+    print(f"byoi image: /healthz after {took:.1f} s, stopped {stopped:.1f} s after SIGTERM")
+
+
 def test_a_whole_task_runs_in_the_byoi_image_with_the_hook_from_the_portable_runner(
     byoi_image, run_args, api, github, token
 ):
