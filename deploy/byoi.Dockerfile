@@ -6,9 +6,9 @@
 # build context.
 #
 #   docker build -f byoi.Dockerfile -t my-shepherd-runner .
-#   docker build -f byoi.Dockerfile --build-arg BASE=rust:1-slim-bookworm \
-#       --build-arg RUNNER_IMAGE=ghcr.io/OWNER/shepherd-runner:0.1.0 -t ... .
+#   docker build -f byoi.Dockerfile --build-arg BASE=rust:1-slim-bookworm -t ... .
 ARG BASE=node:22-slim
+# the release image: ghcr.io/<owner of the repository>/shepherd-runner:<version>
 ARG RUNNER_IMAGE=ghcr.io/example/shepherd-runner:0.1.0
 
 FROM ${RUNNER_IMAGE} AS shepherd
