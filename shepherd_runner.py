@@ -1547,6 +1547,121 @@ class Limits:
     exit_grace: float = EXIT_GRACE  # after the `result` line
 
 
+class Supervisor:
+    """Watches one process of the task and stops it, with all it started, when it must.
+
+    The process is stopped on a signal, at its deadline, after `limits.idle`
+    without a line on stdout (`saw_line`), or `limits.exit_grace` after its
+    result (`saw_result`): the CLI sometimes prints its `result` line and never
+    exits. Whatever it left running (a server, a stuck test) is stopped in any
+    case once it exits, which also closes every copy of its stdout. The caller
+    reads stdout; threads drain stderr, wait for the exit and keep the watch.
+    """
+
+    def __init__(
+        self, proc: subprocess.Popen, marker: bytes, *, stop: Stop, limits: Limits,
+        on_stop: Callable[[], None] = lambda: None, grace: float = KILL_GRACE,
+    ) -> None:  # fmt: skip
+        self.proc, self.marker, self.stop, self.limits = proc, marker, stop, limits
+        self.on_stop, self.grace = on_stop, grace
+        self.started = self.last_line = time.monotonic()
+        self.result_at = 0.0
+        self.stopped = ""  # why it was stopped early: a signal, the deadline, silence
+        self.hung = False  # it printed its result but did not exit
+        self.tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self._wake = stop.subscribe(threading.Event())  # also set by the exit and the result
+        self._exited = threading.Event()
+        self._threads = [
+            threading.Thread(target=f, name=f.__name__, daemon=True)
+            for f in (self._drain_stderr, self._wait_exit, self._watch)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def saw_line(self) -> None:
+        self.last_line = time.monotonic()
+
+    def saw_result(self) -> None:
+        if not self.result_at:
+            self.result_at = time.monotonic()
+            self._wake.set()
+
+    def wait(self) -> int:
+        """The exit code, once the process and everything it started are gone."""
+        code = self.proc.wait()
+        for thread in self._threads:
+            thread.join()
+        return code
+
+    @property
+    def stderr(self) -> str:
+        return "\n".join(self.tail)
+
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self.started
+
+    def _drain_stderr(self) -> None:
+        for raw in _read_lines(self.proc.stderr, 64 << 10):
+            if raw is not None:
+                self.tail.append(clip(raw.decode("utf-8", "replace").rstrip(), 500))
+
+    def _wait_exit(self) -> None:
+        self.proc.wait()
+        self._exited.set()
+        self._wake.set()
+
+    def _overdue(self) -> tuple[str, float | None]:
+        """(why the process must be stopped now, or '' and the next deadline)."""
+        limits, now, due = self.limits, time.monotonic(), []
+        if limits.timeout:
+            if now >= self.started + limits.timeout:
+                return f"timed out after {_duration(limits.timeout)} (SHEPHERD_TASK_TIMEOUT)", None
+            due.append(self.started + limits.timeout)
+        if limits.idle:
+            if now >= self.last_line + limits.idle:
+                idle = _duration(limits.idle)
+                return f"the agent produced no output for {idle} (SHEPHERD_IDLE_TIMEOUT)", None
+            due.append(self.last_line + limits.idle)
+        if self.result_at:
+            if now >= self.result_at + limits.exit_grace:
+                return "hung", None
+            due.append(self.result_at + limits.exit_grace)
+        return "", min(due, default=None)
+
+    def _watch(self) -> None:
+        while True:
+            self._wake.clear()  # before the checks: a set() after them ends the wait
+            if self._exited.is_set():
+                break
+            if self.stop.signum is not None:
+                self.stopped = self.stop.reason
+                break
+            reason, due = self._overdue()
+            if reason == "hung":
+                self.hung = True
+                seconds = _duration(self.limits.exit_grace)
+                warn("the agent printed its result but did not exit; stopping it", after=seconds)
+                break
+            if reason:
+                self.stopped = reason
+                break
+            self._wake.wait(None if due is None else due - time.monotonic())
+        if self.stopped:
+            warn("stopping the agent", reason=self.stopped)
+            self.on_stop()
+        if count := stop_processes(self.marker, self.grace):
+            info("agent processes stopped", count=count)
+
+
+def start_process(cmd: list[str], cwd: str, env: Mapping[str, str]) -> subprocess.Popen:
+    """A process of the task in a session of its own, its output piped (OSError if it cannot)."""
+    return subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+
+
 def run_agent(
     cmd: list[str],
     *,
@@ -1568,101 +1683,29 @@ def run_agent(
     stops the agent early.
     """
     result = AgentRun()
-    marker = f"SHEPHERD_RUN_ID={env['SHEPHERD_RUN_ID']}".encode()
-    started = time.monotonic()
     try:
-        proc = subprocess.Popen(
-            cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-        )  # fmt: skip
+        proc = start_process(cmd, cwd, env)
     except OSError as exc:
         result.missing = f"{cmd[0]}: {exc.strerror or exc}"
         return result
     info("agent process started", pid=proc.pid)
-    tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
-    wake = stop.subscribe(threading.Event())  # also set by the exit and the result line
-    exited = threading.Event()
-    seen = {"line": started, "result": 0.0}  # monotonic times, written by the reader
-
-    def drain_stderr() -> None:
-        for raw in _read_lines(proc.stderr, 64 << 10):
-            if raw is not None:
-                tail.append(clip(raw.decode("utf-8", "replace").rstrip(), 500))
-
-    def wait_exit() -> None:
-        proc.wait()
-        exited.set()
-        wake.set()
-
-    def overdue() -> tuple[str, float | None]:
-        """(why the agent must be stopped now, or '' and the next deadline)."""
-        now, due = time.monotonic(), []
-        if limits.timeout:
-            if now >= started + limits.timeout:
-                return f"timed out after {_duration(limits.timeout)} (SHEPHERD_TASK_TIMEOUT)", None
-            due.append(started + limits.timeout)
-        if limits.idle:
-            if now >= seen["line"] + limits.idle:
-                idle = _duration(limits.idle)
-                return f"the agent produced no output for {idle} (SHEPHERD_IDLE_TIMEOUT)", None
-            due.append(seen["line"] + limits.idle)
-        if seen["result"]:
-            if now >= seen["result"] + limits.exit_grace:
-                return "hung", None
-            due.append(seen["result"] + limits.exit_grace)
-        return "", min(due, default=None)
-
-    def watchdog() -> None:
-        while True:
-            wake.clear()  # before the checks: a set() after them ends the wait
-            if exited.is_set():
-                break
-            if stop.signum is not None:
-                result.stopped = stop.reason
-                break
-            reason, due = overdue()
-            if reason == "hung":
-                result.hung = True
-                seconds = _duration(limits.exit_grace)
-                warn("the agent printed its result but did not exit; stopping it", after=seconds)
-                break
-            if reason:
-                result.stopped = reason
-                break
-            wake.wait(None if due is None else due - time.monotonic())
-        if result.stopped:
-            warn("stopping the agent", reason=result.stopped)
-            on_stop()
-        # Whatever the agent left running (a server it started, a stuck test)
-        # goes too, which also closes any copy of its stdout.
-        if count := stop_processes(marker, grace):
-            info("agent processes stopped", count=count)
-
-    threads = [
-        threading.Thread(target=f, name=f.__name__, daemon=True)
-        for f in (drain_stderr, wait_exit, watchdog)
-    ]
-    for thread in threads:
-        thread.start()
+    marker = f"SHEPHERD_RUN_ID={env['SHEPHERD_RUN_ID']}".encode()
+    watch = Supervisor(proc, marker, stop=stop, limits=limits, on_stop=on_stop, grace=grace)
     skipped = 0
     for line in _read_lines(proc.stdout, max_line):
-        seen["line"] = time.monotonic()
+        watch.saw_line()
         if line is None:
             skipped += 1
             sender.put(parser.event("error", f"agent output line over {max_line} bytes skipped"))
             continue
         for event in parser.feed(line):
             sender.put(event)
-        if parser.metrics is not None and not seen["result"]:
-            seen["result"] = time.monotonic()
-            wake.set()
-    result.exit_code = proc.wait()
-    for thread in threads:
-        thread.join()
-    result.duration_ms = int((time.monotonic() - started) * 1000)
-    result.metrics = parser.metrics
-    result.last_text = parser.last_text
-    result.stderr = "\n".join(tail)
+        if parser.metrics is not None:
+            watch.saw_result()
+    result.exit_code = watch.wait()
+    result.duration_ms = int(watch.seconds * 1000)
+    result.stopped, result.hung, result.stderr = watch.stopped, watch.hung, watch.stderr
+    result.metrics, result.last_text = parser.metrics, parser.last_text
     info(
         "agent exited",
         code=result.exit_code,
@@ -2830,6 +2873,43 @@ def _no_metrics() -> dict[str, Any]:
     }  # fmt: skip
 
 
+@dataclasses.dataclass
+class SourcePull:
+    """The pull request the task was written on (number 0: none)."""
+
+    number: int = 0
+    pull: dict[str, Any] | None = None  # None: there is none, or it does not exist
+    why_not: str = ""  # why it is not continued: the work then goes to a new pull request
+    comments: str = ""  # its review comments, for the context file
+
+    @property
+    def continued(self) -> bool:
+        return self.pull is not None and not self.why_not
+
+
+def agent_command(
+    cfg: Config, state: TaskState, data: dict[str, Any], source: SourcePull, context_path: str
+) -> list[str]:
+    """The Claude Code CLI's command line: headless, streaming, within the task's limits."""
+    pull_request = PULL_PROMPT.format(
+        number=source.number, url=state.pull_url, base_ref=state.base_ref, branch=state.branch,
+        context_path=context_path,
+    ) if source.continued else ""  # fmt: skip
+    prompt = PROMPT.format(
+        repo_dir=state.repo_dir, branch=state.branch, base_ref=state.base_ref,
+        description=data["description"], source_url=state.source_url or "(none)",
+        context_path=context_path, pull_request=pull_request,
+    )  # fmt: skip
+    cmd = [
+        cfg.claude_bin, "-p", prompt, "--dangerously-skip-permissions",
+        "--output-format", "stream-json", "--verbose",
+        "--max-turns", str(cfg.max_turns), "--max-budget-usd", f"{cfg.max_budget_usd:.2f}",
+    ]  # fmt: skip
+    if cfg.model:
+        cmd += ["--model", cfg.model]
+    return cmd
+
+
 class TaskRun:
     """One task, step by step, in the main thread; the one terminal status at the end."""
 
@@ -2845,6 +2925,8 @@ class TaskRun:
         self.run_id = secrets.token_hex(8)
         self.state_dir = state_dir(ctx.home)
         self.signalled = ctx.stop.subscribe(threading.Event())
+        self.parser = StreamParser(ctx.redact)  # one event sequence for the whole task
+        self.sender: EventSender | None = None
 
     def _reporter(self) -> ShepherdAPI:
         """After a signal the pod is SIGKILLed 30 s later: report within the budget, or say so."""
@@ -2902,8 +2984,9 @@ class TaskRun:
         if outcome.event == "failed" and reason and not outcome.message.startswith(reason):
             # Whatever broke was broken by the signal: say that, not the symptom.
             outcome = Outcome("failed", reason, {"error": reason})
-        # Every event has been flushed (or counted as dropped) by now: the API
+        # Every event is flushed (or counted as dropped) first: the API
         # answers /events with 410 from the first terminal status on.
+        self._close_events()
         details = {**self.details, **outcome.details, "reported_by": "shepherd-runner"}
         delivered = self._reporter().report_status(outcome.event, outcome.message, details)
         if not delivered:
@@ -2913,127 +2996,156 @@ class TaskRun:
         return Ending.REPORTED if delivered else Ending.UNREPORTED
 
     def _flow(self) -> Outcome:
-        cfg, ctx, task_id = self.cfg, self.ctx, self.assignment.task_id
+        """The task's steps, in order; a Failure from any of them is the task's `failed`."""
         started_at = time.time()
+        data, repo = self._task_data()
+        token = self._token()
+        github = GitHub(repo, token.value, api_url=self.cfg.github_api_url or None)
+        source = self._source_pull(data, repo, github)
+        context_path = self._stage_home(data, source)
+        gitenv = git_env(self.ctx.environ, repo.url, token.value)
+        state = self._checkout(data, repo, gitenv, source, token=token, started_at=started_at)
+        # The runner's own git calls are not marked: stopping the agent's
+        # processes after a signal must not kill the last push of its work.
+        git = Git(state.repo_dir, gitenv, self.ctx.redact)
+        branch = Branch(git, state, os.path.join(self.state_dir, BRANCH_FILE), self._sleep)
+        env = agent_env(self.ctx, state, self._marked(gitenv), self.assignment.api_url)
+        agent = self._agent(agent_command(self.cfg, state, data, source, context_path),
+                            env, branch, github, token)  # fmt: skip
+        try:
+            return self._outcome(agent, state, github, branch)
+        except CommandError as exc:  # the agent may have broken or deleted the clone
+            raise Failure(
+                f"the repository could not be read after the agent's run: {exc}"
+            ) from None
+
+    def _marked(self, env: Mapping[str, str]) -> dict[str, str]:
+        """`env` marking the processes started with it as this task's (see stop_processes)."""
+        return {**env, "SHEPHERD_RUN_ID": self.run_id}
+
+    def _events(self) -> EventSender:
+        """The task's one event stream, open from the first event to the terminal report."""
+        if self.sender is None:
+            self.sender = EventSender(self.api.post_events)
+        return self.sender
+
+    def _close_events(self) -> None:
+        if self.sender is not None:
+            # After SIGTERM the pod has 30 s in all: flush briefly, report first.
+            flush = 2.0 if self.ctx.stop.signum is not None else EVENT_FLUSH_DEADLINE
+            self.details.update(self.sender.close(flush))
+
+    def _task_data(self) -> tuple[dict[str, Any], RepoURL]:
         with step("fetch task data"):
             data = self.api.fetch_task_data()
         data = sanitize_task_data(data)  # before it reaches the prompt or a file
         repo = parse_repo_url(data["repo"]["url"])
-        ref = data["repo"].get("ref") or ""
-        if ref:
+        if ref := data["repo"].get("ref") or "":
             _validate_ref(ref)
+        return data, repo
+
+    def _token(self) -> Token:
         self._check_stop()
         with step("fetch token"):
-            token = self.api.fetch_token()
-        github = GitHub(repo, token.value, api_url=cfg.github_api_url or None)
-        pull, why_not, comments = None, "", ""
-        if number := pull_number(data.get("sourceURL") or "", repo):
-            with step("fetch pull request", number=number):
-                pull, why_not = source_pull(github, number)
-                comments = pull_context(github, number) if pull else ""
+            return self.api.fetch_token()
+
+    def _source_pull(self, data: dict[str, Any], repo: RepoURL, github: GitHub) -> SourcePull:
+        """The pull request the task was written on, if any; continued when it is open and ours."""
+        source = SourcePull(number=pull_number(data.get("sourceURL") or "", repo) or 0)
+        if source.number:
+            with step("fetch pull request", number=source.number):
+                source.pull, source.why_not = source_pull(github, source.number)
+                if source.pull:
+                    source.comments = pull_context(github, source.number)
+        return source
+
+    def _stage_home(self, data: dict[str, Any], source: SourcePull) -> str:
+        """The CLI's config and the task's context file in HOME; returns the file's path."""
         self._check_stop()
-        with step("stage config", config_dir=cfg.config_dir):
-            stage_config(cfg.config_dir, ctx.home)
-            context_path = os.path.join(ctx.home, "task-context.md")
+        home = self.ctx.home
+        with step("stage config", config_dir=self.cfg.config_dir):
+            stage_config(self.cfg.config_dir, home)
+            context_path = os.path.join(home, "task-context.md")
             try:
                 with open(context_path, "w", encoding="utf-8") as f:
                     f.write(data.get("context") or "(no further context)\n")
-                    f.write(comments)
+                    f.write(source.comments)
                 os.makedirs(os.path.join(self.state_dir, "tmp"), exist_ok=True)
                 for name in (STOP_FILE, OUTCOME_FILE, BRANCH_FILE):  # a previous run's
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(os.path.join(self.state_dir, name))
             except OSError as exc:
                 raise Failure(f"HOME is not writable: {exc.filename}: {exc.strerror}") from None
+        return context_path
+
+    def _checkout(
+        self, data: dict[str, Any], repo: RepoURL, gitenv: Mapping[str, str],
+        source: SourcePull, *, token: Token, started_at: float,
+    ) -> TaskState:  # fmt: skip
+        """The clone on the task's branch, and the task's state saved for the Stop hook."""
         self._check_stop()
-        gitenv = git_env(ctx.environ, repo.url, token.value)
-        marked = gitenv | {"SHEPHERD_RUN_ID": self.run_id}
+        cfg, ctx, task_id = self.cfg, self.ctx, self.assignment.task_id
         repo_dir = os.path.join(cfg.work_dir, repo.name)
-        # The runner's own git calls are not marked: stopping the agent's
-        # processes after a signal must not kill the last push of its work.
-        git = Git(repo_dir, gitenv, ctx.redact)
-        # An open pull request of this repository is continued on its own branch.
-        continued = pull is not None and not why_not
-        if continued:
-            ref, branch = pull["base"]["ref"], pull["head"]["ref"]
+        ref = data["repo"].get("ref") or ""
+        if source.continued:  # an open pull request of this repository: its own branch
+            ref, branch = source.pull["base"]["ref"], source.pull["head"]["ref"]
         else:
             branch = BRANCH_PREFIX + task_id
-        with step("clone", repo=repo.url, ref=branch if continued else ref or "(default)"):
+        with step("clone", repo=repo.url, ref=branch if source.continued else ref or "(default)"):
             if not os.access(cfg.work_dir, os.W_OK):
                 raise Failure(f"work dir {cfg.work_dir} is missing or not writable")
             identity = {
                 "user.name": ctx.environ.get("GIT_AUTHOR_NAME") or GIT_IDENTITY[0],
                 "user.email": ctx.environ.get("GIT_AUTHOR_EMAIL") or GIT_IDENTITY[1],
             }
-            clone(repo, branch if continued else ref, repo_dir,
-                  Git(repo_dir, marked, ctx.redact), cfg.clone_filter, config=identity)  # fmt: skip
+            marked = Git(repo_dir, self._marked(gitenv), ctx.redact)
+            clone(repo, branch if source.continued else ref, repo_dir, marked,
+                  cfg.clone_filter, config=identity)  # fmt: skip
         with step("create branch", branch=branch):
+            git = Git(repo_dir, gitenv, ctx.redact)
             try:
                 # "Commits ahead" are the agent's: on top of what the branch has now.
                 base_sha, head = git("rev-parse", "HEAD", "--abbrev-ref", "HEAD").splitlines()
-                base_ref = ref or head
-                if not continued:
+                if not source.continued:
                     git("switch", "--quiet", "--create", branch)
             except (CommandError, ValueError) as exc:
                 raise Failure(f"preparing the branch failed: {exc}") from None
+        pull = source.pull
         state = TaskState(
             task_id=task_id, repo_url=repo.url, repo_dir=repo_dir, branch=branch,
-            base_ref=base_ref, base_sha=base_sha, description=data["description"],
+            base_ref=ref or head, base_sha=base_sha, description=data["description"],
             source_url=data.get("sourceURL") or "", github_api_url=cfg.github_api_url,
             pr_draft=cfg.pr_draft, started_at=started_at, token_expires_at=token.expires_at,
-            owns_branch=not continued, pull_number=number if pull else 0, pull_note=why_not,
+            owns_branch=not source.continued, pull_number=source.number if pull else 0,
+            pull_note=source.why_not,
             pull_url=str(pull.get("html_url") or data["sourceURL"]) if pull else "",
         )  # fmt: skip
         state.save(os.path.join(self.state_dir, STATE_FILE))
-        self._check_stop()
+        return state
 
-        pull_request = PULL_PROMPT.format(
-            number=number, url=state.pull_url, base_ref=base_ref, branch=branch,
-            context_path=context_path,
-        ) if continued else ""  # fmt: skip
-        prompt = PROMPT.format(
-            repo_dir=repo_dir, branch=branch, base_ref=base_ref,
-            description=data["description"], source_url=state.source_url or "(none)",
-            context_path=context_path, pull_request=pull_request,
-        )  # fmt: skip
-        cmd = [
-            cfg.claude_bin, "-p", prompt, "--dangerously-skip-permissions",
-            "--output-format", "stream-json", "--verbose",
-            "--max-turns", str(cfg.max_turns), "--max-budget-usd", f"{cfg.max_budget_usd:.2f}",
-        ]  # fmt: skip
-        if cfg.model:
-            cmd += ["--model", cfg.model]
-        env = agent_env(ctx, state, marked, self.assignment.api_url)
-        pushed = Branch(git, state, os.path.join(self.state_dir, BRANCH_FILE), self._sleep)
-        sender = EventSender(self.api.post_events)
-        parser = StreamParser(ctx.redact)
+    def _agent(
+        self, cmd: list[str], env: dict[str, str], branch: Branch, github: GitHub, token: Token
+    ) -> AgentRun:
+        """The agent's run, its work backed up to the remote as it commits."""
+        self._check_stop()
+        cfg, ctx = self.cfg, self.ctx
         limits = Limits(timeout=cfg.task_timeout, idle=cfg.idle_timeout)
-        backup = Backup(pushed, github).start()
+        backup = Backup(branch, github).start()
         with step("agent", max_turns=cfg.max_turns, timeout=cfg.task_timeout or "none"):
             try:
                 agent = run_agent(
-                    cmd, cwd=repo_dir, env=env, sender=sender, parser=parser, stop=ctx.stop,
-                    limits=limits, on_stop=lambda: _stand_down(ctx.home),
+                    cmd, cwd=branch.state.repo_dir, env=env, sender=self._events(),
+                    parser=self.parser, stop=ctx.stop, limits=limits,
+                    on_stop=lambda: _stand_down(ctx.home),
                 )  # fmt: skip
             finally:
                 backup.stop()
-                # After SIGTERM the pod has 30 s in all: flush briefly, report first.
-                flush = 2.0 if ctx.stop.signum is not None else EVENT_FLUSH_DEADLINE
-                self.details.update(sender.close(flush))
-                scrubbed = scrub_files(
-                    [os.path.join(ctx.home, ".claude"), os.path.join(ctx.home, ".claude.json"),
-                     env["TMPDIR"]],
-                    ctx.redact, token.value,
-                )  # fmt: skip
-                if scrubbed:
+                claude_files = [os.path.join(ctx.home, ".claude"),
+                                os.path.join(ctx.home, ".claude.json"), env["TMPDIR"]]  # fmt: skip
+                if scrubbed := scrub_files(claude_files, ctx.redact, token.value):
                     info("token blanked in files the agent wrote", files=scrubbed)
-        self.details.update(parser.report(agent.duration_ms))
-        try:
-            return self._outcome(agent, state, github, pushed)
-        except CommandError as exc:  # the agent may have broken or deleted the clone
-            raise Failure(
-                f"the repository could not be read after the agent's run: {exc}"
-            ) from None
+        self.details.update(self.parser.report(agent.duration_ms))
+        return agent
 
     def _outcome(
         self, agent: AgentRun, state: TaskState, github: GitHub, branch: Branch
