@@ -88,6 +88,8 @@ class FakeChecks:
         self._done = threading.Condition(self._lock)
         self._queue: queue.Queue = queue.Queue()
         self._worker: threading.Thread | None = None
+        self._job: subprocess.Popen | None = None  # the job running now, killed by stop()
+        self._stopping = False
 
     # -- test-facing API ------------------------------------------------
 
@@ -129,6 +131,10 @@ class FakeChecks:
             return found
 
     def stop(self):
+        with self._lock:
+            self._stopping = True
+            if self._job is not None:
+                self._job.kill()
         if self._worker is not None:
             self._queue.put(None)
             self._worker.join(JOB_TIMEOUT)
@@ -402,6 +408,27 @@ class FakeChecks:
                 if run["head_sha"] == work["sha"] and suite["status"] == "completed":
                     run["status"], run["conclusion"] = "completed", suite["conclusion"]
 
+    def _execute(self, command, cwd, env):
+        """(exit code, output) of a job's command; stop() kills it."""
+        with self._lock:
+            if self._stopping:
+                return 143, "the CI was stopped\n"
+            try:
+                self._job = proc = subprocess.Popen(
+                    command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                    text=True, errors="replace",
+                )  # fmt: skip
+            except OSError as exc:
+                return 127, f"{exc}\n"
+        try:
+            output, _ = proc.communicate(timeout=JOB_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            output = proc.communicate()[0] + f"the job timed out after {JOB_TIMEOUT}s\n"
+        with self._lock:
+            self._job = None
+        return proc.returncode, output
+
     def _checkout(self, repo, sha, dest):
         archive = subprocess.run(
             ["git", "--git-dir", str(self.github._bare(*repo.split("/"))), "archive", sha],
@@ -417,16 +444,7 @@ class FakeChecks:
             if job.get("workflow"):
                 job["workflow"]["status"] = "in_progress"
         env = {k: v for k, v in os.environ.items() if not k.startswith(PRIVATE_ENV)}
-        try:
-            proc = subprocess.run(
-                job["command"], cwd=checkout, env=env, capture_output=True, text=True,
-                errors="replace", timeout=JOB_TIMEOUT, check=False,
-            )  # fmt: skip
-            code, output = proc.returncode, proc.stdout + proc.stderr
-        except subprocess.TimeoutExpired:
-            code, output = 124, f"the job timed out after {JOB_TIMEOUT}s\n"
-        except OSError as exc:
-            code, output = 127, f"{exc}\n"
+        code, output = self._execute(job["command"], checkout, env)
         conclusion = "success" if code == 0 else "failure"
         stamp = _now().strftime("%Y-%m-%dT%H:%M:%S.0000000Z")
         log = "".join(f"{stamp} {line}\n" for line in [
