@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import itertools
 import logging
+import pathlib
 import sys
 import threading
 import time
@@ -20,6 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import shepherd_runner as sr
+from harness import Runner, runner_env
 
 FAST = 0.1  # the poll interval of these tests
 PASSING = "from greet import greet\n\nassert greet() == 'hello', greet()\nprint('1 passed')\n"
@@ -384,3 +386,69 @@ def test_ci_wait_is_a_duration(value, seconds):
 def test_bad_checks_settings_are_refused_naming_the_variable(env, problem):
     with pytest.raises(sr.UsageError, match=problem.replace("(", r"\(").replace(")", r"\)")):
         sr.parse_config(["serve"], env)
+
+
+# ---------------------------------------------------------------------------
+# the whole task (stand-in agent): the ends that need no fix round
+# ---------------------------------------------------------------------------
+
+STAND_IN = str(pathlib.Path(__file__).with_name("stand_in_agent.py"))
+TASK = "checks-task"
+
+
+@pytest.fixture
+def task(tmp_path, home, api, github, token):
+    """Runs the task (the stand-in agent commits) with SHEPHERD_CI_WAIT=20m; CI always fails."""
+    api.add_task(TASK, repo_url=github.create_repo("acme", "widgets"), token=token)
+    github.checks.add_job("tests", [sys.executable, "-c", "raise SystemExit('FAILED test_x')"])
+    runners = []
+
+    def run(**extra):
+        env = runner_env(
+            tmp_path, claude_bin=STAND_IN, github=github, HOME=str(home),
+            STAND_IN_SCENARIO="commit", SHEPHERD_CI_WAIT="20m", **extra,
+        )  # fmt: skip
+        runners.append(Runner(env))
+        runners[-1].assign(TASK, api.url)
+        assert runners[-1].wait() == 0, runners[-1].output
+        return api.terminal(TASK), runners[-1].output
+
+    yield run
+    for runner in runners:
+        runner.kill()
+
+
+@pytest.mark.parametrize(
+    ("extra", "why"),
+    [
+        ({"SHEPHERD_CI_FIX_ROUNDS": "0"}, ""),
+        ({"SHEPHERD_TASK_TIMEOUT": "100"},
+         "no time left for a fix round before the task's deadline (SHEPHERD_TASK_TIMEOUT); "),
+        ({"SHEPHERD_MAX_TURNS": "3"},  # the stand-in's run takes 3
+         "no turns left for a fix round (3 turns, SHEPHERD_MAX_TURNS); "),
+    ],
+)  # fmt: skip
+def test_failing_checks_without_a_fix_round_say_why_and_name_them(task, github, extra, why):
+    terminal, output = task(**extra)
+    [pull] = github.pulls
+    assert terminal["event"] == "completed", terminal
+    assert terminal["message"] == (
+        f"pull request {pull['html_url']}; {why}checks failing: tests after 0 fix rounds"
+    )
+    assert terminal["details"]["checks"] == {
+        "state": "failure", "rounds": 0, "failed": ["tests"], "url": f"{pull['html_url']}/checks",
+    }  # fmt: skip
+    assert "fix round started" not in output
+
+
+def test_checks_the_app_may_not_read_end_the_task_as_before_with_one_line_naming_it(task, github):
+    github.checks.denied = {"checks"}
+    terminal, output = task()
+    [pull] = github.pulls
+    assert terminal["event"] == "completed", terminal
+    assert terminal["details"]["checks"]["state"] == "unreadable"
+    assert terminal["message"] == (
+        f"pull request {pull['html_url']}; checks unreadable: the GitHub App lacks `checks: read`"
+    )
+    lines = [line for line in output.splitlines() if " ERROR " in line]
+    assert len(lines) == 1 and "it lacks the `checks: read` permission" in lines[0], output
