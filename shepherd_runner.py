@@ -2284,7 +2284,7 @@ class Backup:
 CHECKS_INTERVAL = 10.0
 NO_CI_WINDOW = 60.0  # nothing reported this long after the push: the repository has no CI
 CHECKS_TIMEOUT = (5, 10)  # (connect, read) seconds of each checks request
-CHECK_RUN_PAGES = 5  # pages of 100 check runs at most
+CHECKS_PAGES = 5  # pages of 100 check runs (or suites) at most
 # A fix round starts only with this long left before the task's deadline or
 # the token's margin: time for the agent, then for pushing its commits.
 FIX_ROUND_MIN = 120.0
@@ -2325,7 +2325,7 @@ class RateLimited(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Check:
-    """One check of a commit: a check run, or a commit status (`kind` "status")."""
+    """One check of a commit: a check run, or a commit status."""
 
     name: str
     status: str  # queued, in_progress, completed...; "expected": required, not reported yet
@@ -2333,7 +2333,6 @@ class Check:
     url: str = ""
     job_id: int = 0  # a GitHub Actions job, whose log can be read
     output: str = ""  # a check run's output, a status's description
-    kind: str = "run"
 
     @property
     def completed(self) -> bool:
@@ -2379,7 +2378,6 @@ def check_from_status(status: dict[str, Any]) -> Check | None:
         name=status["context"], status="completed" if done else "in_progress",
         conclusion={"success": "success", "failure": "failure", "error": "failure"}.get(state, ""),
         url=_text(status.get("target_url")), output=_text(status.get("description")),
-        kind="status",
     )  # fmt: skip
 
 
@@ -2520,9 +2518,9 @@ class ChecksAPI:
             raise GitHubError(clip(detail, 300), code)
 
     def items(self, path: str, key: str, permission: str) -> list[dict[str, Any]]:
-        """Every item of a paged list (`key` of each page), up to CHECK_RUN_PAGES pages."""
+        """Every item of a paged list (`key` of each page), up to CHECKS_PAGES pages."""
         found: list[dict[str, Any]] = []
-        for page in range(1, CHECK_RUN_PAGES + 1):
+        for page in range(1, CHECKS_PAGES + 1):
             body = self.get(path, permission, per_page=100, page=page)
             items = body.get(key) if isinstance(body, dict) else None
             if not isinstance(items, list):
@@ -2861,7 +2859,7 @@ class ChecksGate:
             return ChecksResult("pending", "", note="the pull request's head could not be read")
         summary = f"Waiting for the checks of {sha[:7]} (up to {_about(end - clock())})"
         self.emit("tool_call", summary, tool="checks",
-                  input={"sha": sha, "pull_request": self.pull_url})  # fmt: skip
+                  input=self.redact.deep({"sha": sha, "pull_request": self.pull_url}))  # fmt: skip
         watch = CheckWatch(
             self.api, required=self.required, no_ci_after=self.no_ci_after,
             on_change=lambda check: self._changed(check, sha),
