@@ -4,7 +4,7 @@
 #
 # Stages: `claude` fetches the pinned Claude Code CLI with npm and keeps only
 # its native binary; `venv` installs the runner into a virtualenv; the final
-# stage has neither Node.js nor compilers nor build caches.
+# stage has neither Node.js nor a C compiler nor build caches; it has Go.
 
 ARG CLAUDE_CODE_VERSION=2.1.197
 
@@ -69,6 +69,26 @@ RUN apt-get update \
         python3 python3-pip python3-venv ripgrep tini \
     && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /var/log/apt/* /var/log/dpkg.log
 
+# Go 1.23 from bookworm-backports (bookworm itself has 1.19), from the mirror the
+# base's own sources name. Backports have apt priority 100: only what is asked
+# for by name comes from there, nothing else is upgraded. Debian's go.env keeps
+# Go's default GOTOOLCHAIN=auto: a go.mod that asks for a newer Go gets it from
+# the module proxy at run time. There is no C compiler, so cgo is off (Go turns
+# it off when it finds no gcc). dpkg leaves out Go's own regression tests and
+# API lists: only the tests of Go itself (`go tool dist test`) read them.
+# hadolint ignore=DL3008
+RUN mirror="$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/debian.sources | head -n 1)" \
+    && printf '%s\n' 'Types: deb' "URIs: ${mirror:-http://deb.debian.org/debian}" \
+        'Suites: bookworm-backports' 'Components: main' \
+        'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg' \
+        >/etc/apt/sources.list.d/bookworm-backports.sources \
+    && printf '%s\n' 'path-exclude /usr/share/go-*/test/*' 'path-exclude /usr/share/go-*/api/*' \
+        >/etc/dpkg/dpkg.cfg.d/go-slim \
+    && apt-get update \
+    && apt-get install -y --no-install-recommends golang-1.23-go \
+    && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /var/log/apt/* /var/log/dpkg.log \
+    && /usr/lib/go-1.23/bin/go version
+
 RUN groupadd --gid 1000 shepherd \
     && useradd --uid 1000 --gid 1000 --home-dir /home/shepherd --create-home \
         --shell /bin/bash shepherd \
@@ -80,9 +100,18 @@ COPY --from=venv /opt/shepherd/venv /opt/shepherd/venv
 # copies these into ~/.claude/ when it starts.
 COPY settings.json CLAUDE.md /etc/shepherd/
 
-# `python` is the venv's: the Stop hook runs `python -m shepherd_runner hook`.
-ENV PATH=/opt/shepherd/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+# What the agent installs goes first: ~/.local/bin (pip install --user) and
+# $GOPATH/bin (go install); both are created under the emptyDir HOME when
+# first used. The runner's venv comes last: `python` is still the venv's (the
+# only `python`; the Stop hook runs `python -m shepherd_runner hook`), while
+# python3 and pip are Debian's, so what pip installs with --user is importable.
+# PEP 668: uid 1000 cannot write the system site-packages at all, so letting
+# pip past Debian's EXTERNALLY-MANAGED marker only opens the user site
+# (pip install defaults to --user there).
+ENV PATH=/home/shepherd/.local/bin:/home/shepherd/go/bin:/usr/lib/go-1.23/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/opt/shepherd/venv/bin \
     HOME=/home/shepherd \
+    GOPATH=/home/shepherd/go \
+    PIP_BREAK_SYSTEM_PACKAGES=1 \
     LANG=C.UTF-8 \
     PYTHONUNBUFFERED=1 \
     SHEPHERD_CONFIG_DIR=/etc/shepherd \
