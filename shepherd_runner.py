@@ -2639,7 +2639,7 @@ class CheckWatch:
     def run(self, sha: str, end: float) -> ChecksResult:
         """Watches `sha` until its checks decide, nothing reports in time, or `end` (monotonic)."""
         clock = self.api.clock
-        started, seen = clock(), {}
+        started, seen, failed = clock(), {}, []
         while not self.stopping.is_set() and clock() < end:
             try:
                 checks, suites = self.read(sha)
@@ -2665,7 +2665,7 @@ class CheckWatch:
                 if state == "nothing" and waited >= self.no_ci_after:
                     return ChecksResult("none", sha, waited=waited)
             self.stopping.wait(max(min(self.api.interval, end - clock()), 0))
-        return ChecksResult("pending", sha, waited=clock() - started)
+        return ChecksResult("pending", sha, failed=failed, waited=clock() - started)
 
     def start(self, sha: str, end: float, stop: Stop) -> ChecksResult | None:
         """run() in a thread; None when a signal came first."""
@@ -2812,8 +2812,8 @@ class ChecksGate:
                 break
             rounds += 1
             trouble = self._fix_round(result, rounds, allowed)
-            if self.stop.signum is not None:
-                result = dataclasses.replace(result, state="pending", note=self.stop.reason)
+            if self.stop.signum is not None:  # its commits were pushed once more, not watched
+                result = ChecksResult("pending", "", note=self.stop.reason)
                 break
             if min(self._limits(), default=(math.inf, ""))[0] <= self.api.clock():
                 note = trouble  # no call to GitHub now: the token is at its margin

@@ -9,7 +9,10 @@ next steps.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import pathlib
 import secrets
 import signal
 import sys
@@ -239,3 +242,36 @@ def test_the_wait_ends_at_the_tokens_margin_and_no_call_comes_after_it(ci, api, 
     calls = github.api_requests + github.git_requests
     assert checks_requests(github), "the checks were read until the margin"
     assert [r["path"] for r in calls if r["at"] >= margin] == []
+
+
+def test_sigterm_in_a_fix_round_pushes_its_commit_once_more_and_reports_pending(ci, api, github):
+    fix = [read(ci.failures), read("greet.py"), greet_edit("'hi'", "'hello'"),
+           bash("git commit -qam 'Say hello again' && sleep 619"), end("Fixed.")]  # fmt: skip
+    runner = ci.run([*BREAK, *fix])
+    runner.wait_for(r"INFO fix round started", timeout=120)
+    deadline = time.monotonic() + 60
+    while not any(b"sleep\x00619" in p for p in _cmdlines()):
+        assert time.monotonic() < deadline, runner.output
+        time.sleep(0.05)
+    signalled = time.monotonic()
+    runner.proc.send_signal(signal.SIGTERM)
+    assert runner.wait(timeout=30) == 0
+    took = time.monotonic() - signalled
+    assert took < sr.REPORT_BY, took
+    terminal = api.terminal(TASK)
+    [pull] = github.pulls
+    assert terminal["event"] == "completed", terminal
+    assert terminal["details"]["checks"] == {"state": "pending", "rounds": 1, "failed": [],
+                                             "url": f"{pull['html_url']}/checks"}  # fmt: skip
+    assert terminal["message"].startswith(f"pull request {pull['html_url']}; terminated (SIGTERM)")
+    # The fix the agent committed before the signal is on the pull request's branch.
+    assert github.log("acme", "widgets", BRANCH)[0] == "Say hello again"
+    assert not any(b"sleep\x00619" in p for p in _cmdlines())
+
+
+def _cmdlines():
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            found.append(pathlib.Path(f"/proc/{entry}/cmdline").read_bytes())
+    return found
