@@ -2,7 +2,9 @@
 
 Both live on one server, like GitHub Enterprise (REST under /api/v3). Git is
 served by the real `git http-backend`, so clone, partial clone and push behave
-like the real thing; the fake only adds GitHub's authentication rules.
+like the real thing; the fake only adds GitHub's authentication rules. The Git
+Data API and the repository rules (signed commits, file paths) are in
+tests/fake_gitdata.py, mixed in over the same bare repositories.
 
 The token can expire like an installation token. To refuse it from the instant
 the fake Shepherd API announces as `expiresAt`, fix that instant up front:
@@ -33,6 +35,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 from fake_checks import FakeChecks
+from fake_gitdata import GITDATA_ROUTES, GitData, gitdata_route
 from loopback import LoopbackServer
 
 GIT_PATH = re.compile(r"/([^/]+)/([^/]+)\.git(/.*)")
@@ -47,7 +50,7 @@ ROUTES = {
 }
 # "git" faults every git request, "git_push" only receive-pack ones (pushes).
 GIT_FAULT_KINDS = ("git", "git_push")
-FAULT_KINDS = (*GIT_FAULT_KINDS, *sorted(set(ROUTES.values())))
+FAULT_KINDS = (*GIT_FAULT_KINDS, *sorted(set(ROUTES.values()) | set(GITDATA_ROUTES)))
 # Beside an int (answered instead of handling): "drop" closes the connection
 # unhandled; for REST kinds also "drop-after", which handles the request, then
 # closes without answering, and "lost", which handles it, then answers 502 as
@@ -158,7 +161,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-class FakeGitHub(LoopbackServer):
+class FakeGitHub(GitData, LoopbackServer):
     handler = _Handler
 
     def __init__(self, root: Path, token: str):
@@ -195,8 +198,13 @@ class FakeGitHub(LoopbackServer):
 
     # -- test-facing API ------------------------------------------------
 
-    def create_repo(self, owner, name, files=None, default_branch="main", allow_filter=True) -> str:
-        """A bare repo with one commit of `files` (default: a README); returns its clone URL."""
+    def create_repo(
+        self, owner, name, files=None, default_branch="main", allow_filter=True, executable=()
+    ) -> str:
+        """A bare repo with one commit of `files` (default: a README); returns its clone URL.
+
+        The paths in `executable` are committed with their executable bit.
+        """
         if not self.url:
             raise RuntimeError("start() the server before create_repo()")
         files = {"README.md": "hello\n"} if files is None else files
@@ -208,6 +216,7 @@ class FakeGitHub(LoopbackServer):
                 path = Path(work, rel)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(text)
+                path.chmod(0o755 if rel in executable else 0o644)
             _git("-C", work, "add", "-A")
             _git("-C", work, "commit", "-q", "--allow-empty", "-m", "Initial commit")
             _git("-C", work, "push", "-q", bare, f"HEAD:refs/heads/{default_branch}")
@@ -387,8 +396,10 @@ class FakeGitHub(LoopbackServer):
                 path.write_text(text)
             _git("-C", work, "add", "-A", env=env)
             _git("-C", work, "commit", "-q", "--allow-empty", "-m", message, env=env)
+            sha = _git("-C", work, "rev-parse", "HEAD", env=env).stdout.decode().strip()
+            self.mark_verified(bare, sha)  # someone who signs: a rule requiring it lets it in
             _git("-C", work, "push", "-q", "origin", f"HEAD:refs/heads/{branch}", env=env)
-            return _git("-C", work, "rev-parse", "HEAD", env=env).stdout.decode().strip()
+            return sha
 
     # -- internals --------------------------------------------------------
 
@@ -568,6 +579,9 @@ class FakeGitHub(LoopbackServer):
             return None
         match = REPO_API.fullmatch(url.path)
         route = ROUTES.get((h.command, _resource(match))) if match else None
+        arg = int(match[4]) if route and match[4] else None  # a pull request's number
+        if route is None:  # the Git Data API (tests/fake_gitdata.py)
+            route, match, arg = gitdata_route(h.command, url.path)
         if route is None:
             return h.reply(404, {"message": "Not Found"})
         fault = h.record["fault"] = self._take_fault(route)
@@ -580,8 +594,7 @@ class FakeGitHub(LoopbackServer):
         owner, name = match[1], match[2]
         if not self._bare(owner, name).is_dir():
             return h.reply(404, {"message": "Not Found"})
-        number = int(match[4]) if match[4] else None
-        code, payload = getattr(self, "_" + route)(owner, name, number, h.record["query"], body)
+        code, payload = getattr(self, "_" + route)(owner, name, arg, h.record["query"], body)
         headers = []
         if route in ("pulls_list", "pull_comments") and code == 200:
             payload, headers = self._page(url.path, h.record["query"], payload)

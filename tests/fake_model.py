@@ -91,6 +91,7 @@ class FakeModel(LoopbackServer):
         self.model = model
         self.url = ""
         self.requests: list[dict] = []  # every JSON body POSTed to /v1/messages
+        self.received: list[float] = []  # when each of them came (time.time())
         self.log: list[tuple[str, str]] = []  # (method, path) of every HTTP request
         self._cond = threading.Condition()
         self._ids = itertools.count(1)
@@ -135,6 +136,7 @@ class FakeModel(LoopbackServer):
 
     def _record(self, body: dict) -> None:
         with self._cond:
+            self.received.append(time.time())
             self.requests.append(body)
             self._cond.notify_all()
 

@@ -40,6 +40,8 @@ ENV_VARS = [
     "SHEPHERD_CLONE_FILTER",
     "SHEPHERD_GITHUB_API_URL",
     "SHEPHERD_PR_DRAFT",
+    "SHEPHERD_SETUP_COMMAND",
+    "SHEPHERD_SETUP_TIMEOUT",
 ]
 # The contract's sample Stop hook input (shared/contract/samples/stop-hook-input.json).
 HOOK_INPUT = {

@@ -118,7 +118,7 @@ def test_prompt_fences_the_task_and_states_the_rules():
     prompt = sr.PROMPT.format(
         repo_dir="/workspace/widgets", branch="shepherd/t-1", base_ref="main",
         description="Fix the greeting", source_url="https://x/1",
-        context_path="/home/shepherd/task-context.md", pull_request="",
+        context_path="/home/shepherd/task-context.md", pull_request="", setup="",
     )  # fmt: skip
     opening = prompt[prompt.index("\n<task-") + 1 :].split("\n", 1)[0]
     closing = "</" + opening[1:]
