@@ -4867,14 +4867,21 @@ class TaskRun:
             parse_repo_url(state.repo_url), token.value, api_url=self.cfg.github_api_url or None,
             until=token.expires_at - TOKEN_MARGIN,
         )  # fmt: skip
-        return ChecksGate(
+        gate = ChecksGate(
             self.cfg, state, api, pull_url=outcome.details["pr_url"], home=self.ctx.home,
             stop=self.ctx.stop, head=lambda: remote_head(branch),
             fix=lambda cmd, limits: self._fix_round(
                 cmd, limits, env=env, branch=branch, github=github, token=token
             ),
             spent=lambda: self.details, emit=self._emit, redact=self.ctx.redact,
-        ).run(outcome)  # fmt: skip
+        )  # fmt: skip
+        try:
+            return gate.run(outcome)
+        except Exception as exc:  # a bug of ours: the pull request still exists
+            message = f"internal error in shepherd-runner: {type(exc).__name__}: {exc}"
+            error("the wait for the checks failed", error=message)
+            return Outcome("completed", f"{outcome.message}; the checks were not watched: "
+                           f"{message}", outcome.details)  # fmt: skip
 
     def _emit(self, kind: str, summary: str, **fields: Any) -> None:
         self._events().put(self.parser.event(kind, summary, **fields))
