@@ -480,19 +480,21 @@ def _deadline_types() -> tuple[type[Retry], type[Timeout]]:
     from urllib3.util.retry import Retry  # noqa: PLC0415
 
     class DeadlineRetry(Retry):
-        """A Retry that gives up when `deadline` (time.monotonic()) is near.
+        """A Retry bounded in time: by `deadline` (time.monotonic()), and by `stop`.
 
-        urllib3 counts tries but has no time budget. A retry starts only while
-        `min_try` seconds are left; its backoff is cut to fit (Retry-After is not
-        waited for).
+        urllib3 counts tries but has no time budget. Before a deadline a retry
+        starts only while `min_try` seconds are left, its backoff cut to fit
+        (Retry-After is not waited for). A set `stop` (a signal: the pod has
+        30 s left) ends the wait between tries and the retries at once.
         """
 
         deadline = float("inf")
         min_try = 1.0
+        stop: threading.Event | None = None
 
         def new(self, **kw: Any) -> DeadlineRetry:
             retry = super().new(**kw)
-            retry.deadline = self.deadline
+            retry.deadline, retry.stop = self.deadline, self.stop
             return retry
 
         def increment(
@@ -500,14 +502,24 @@ def _deadline_types() -> tuple[type[Retry], type[Timeout]]:
             _pool: Any = None, _stacktrace: Any = None,
         ) -> DeadlineRetry:  # fmt: skip
             retry = super().increment(method, url, response, error, _pool, _stacktrace)
+            if self.stop is not None and self.stop.is_set():
+                reason = error or ResponseError("a signal ended the retries")
+                raise MaxRetryError(_pool, url, reason) from reason
             if self.deadline - time.monotonic() < self.min_try:
                 reason = error or ResponseError("no time left to retry")
                 raise MaxRetryError(_pool, url, reason) from reason
             return retry
 
         def sleep(self, response: Any = None) -> None:
-            left = self.deadline - time.monotonic() - self.min_try
-            time.sleep(max(min(self.get_backoff_time(), left), 0))
+            wait = self.get_backoff_time()
+            if self.deadline < float("inf"):
+                wait = min(wait, self.deadline - time.monotonic() - self.min_try)
+            elif self.respect_retry_after_header and response:
+                wait = self.get_retry_after(response) or wait
+            if self.stop is None:
+                time.sleep(max(wait, 0))
+            elif self.stop.wait(max(wait, 0)):
+                raise MaxRetryError(None, "", ResponseError("a signal ended the retries"))
 
     class DeadlineTimeout(Timeout):
         """(connect, read) seconds for each try, and every try ends by `deadline`."""
@@ -524,16 +536,19 @@ def _deadline_types() -> tuple[type[Retry], type[Timeout]]:
     return DeadlineRetry, DeadlineTimeout
 
 
-def api_retry(total: int = 10, backoff: float = 1.0, deadline: float | None = None) -> Retry:
+def api_retry(
+    total: int = 10,
+    backoff: float = 1.0,
+    deadline: float | None = None,
+    stop: threading.Event | None = None,
+) -> Retry:
     """Connection errors, 429 and 5xx, with exponential backoff and jitter.
 
     The defaults wait 0, 2, 4, 8, then 15 s at most between tries: about 90 s in
     all, which outlasts an API restart. With a `deadline` (time.monotonic())
-    no try starts after it (DeadlineRetry).
+    no try starts after it; once `stop` is set, no retry starts.
     """
-    from urllib3.util.retry import Retry  # noqa: PLC0415 - see the import block
-
-    retry = (Retry if deadline is None else _deadline_types()[0])(
+    retry = _deadline_types()[0](
         total=total,
         status_forcelist=RETRY_STATUSES,
         allowed_methods=None,  # POST /status is idempotent: terminal events dedupe
@@ -545,18 +560,28 @@ def api_retry(total: int = 10, backoff: float = 1.0, deadline: float | None = No
     )
     if deadline is not None:
         retry.deadline = deadline
+    retry.stop = stop
     return retry
 
 
-def token_retry(total: int = 5, backoff: float = 1.0) -> Retry:
+def token_retry(total: int = 5, backoff: float = 1.0, stop: threading.Event | None = None) -> Retry:
     # The server burns the token before it answers, so only a request that
     # never reached it (refused, DNS, connect timeout) may be sent again.
-    from urllib3.util.retry import Retry  # noqa: PLC0415 - see the import block
-
-    return Retry(
+    retry = _deadline_types()[0](
         total=total, connect=total, read=0, status=0, other=0, redirect=0,
         backoff_factor=backoff, backoff_max=15, raise_on_status=False,
     )  # fmt: skip
+    retry.stop = stop
+    return retry
+
+
+def stopped_by(retry: Retry, stop: threading.Event | None) -> Retry:
+    """A copy of `retry` (api_retry's or token_retry's) whose retries a set `stop` ends."""
+    if stop is None:
+        return retry
+    retry = retry.new()
+    retry.stop = stop
+    return retry
 
 
 class Token(typing.NamedTuple):
@@ -596,20 +621,22 @@ class ShepherdAPI:
         token_retries: Retry | None = None,
         timeout: tuple[float, float] = API_TIMEOUT,
         redact: Redactor | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
+        """`stop` (set by a signal) ends the retries of every call at once."""
         import requests  # noqa: PLC0415 - see the import block
         from requests.adapters import HTTPAdapter  # noqa: PLC0415
 
+        retry = stopped_by(retry or api_retry(), stop)
+        token_retries = stopped_by(token_retries or token_retry(), stop)
         self.task_id = task_id
         self.base = f"{api_url.rstrip('/')}/api/v1/tasks/{urllib.parse.quote(task_id, safe='')}"
         self.session = session or requests.Session()
         self.timeout = timeout
         self.redact = redact or Redactor()
         # requests picks the longest mounted prefix, so /token gets its own rules.
-        self.session.mount(self.base + "/", HTTPAdapter(max_retries=retry or api_retry()))
-        self.session.mount(
-            self.base + "/token", HTTPAdapter(max_retries=token_retries or token_retry())
-        )
+        self.session.mount(self.base + "/", HTTPAdapter(max_retries=retry))
+        self.session.mount(self.base + "/token", HTTPAdapter(max_retries=token_retries))
         self.session.mount(self.base + "/events", HTTPAdapter(max_retries=0))
 
     def _request(
@@ -807,10 +834,11 @@ class GitHub:
         session: requests.Session | None = None,
         timeout: tuple[float, float] = GITHUB_TIMEOUT,
         retries: int = 3,
+        stop: threading.Event | None = None,
     ) -> None:
+        """`stop` (set by a signal) ends the retries of every call at once."""
         import requests  # noqa: PLC0415 - see the import block
         from requests.adapters import HTTPAdapter  # noqa: PLC0415
-        from urllib3.util.retry import Retry  # noqa: PLC0415
 
         self.repo = repo
         self.api = (api_url or repo.api_url).rstrip("/")
@@ -824,17 +852,12 @@ class GitHub:
         )
         # GETs are retried; a POST is not (it could open a second PR): the
         # caller looks for the PR again instead.
-        self.session.mount(
-            self.api + "/",
-            HTTPAdapter(
-                max_retries=Retry(
-                    total=retries,
-                    status_forcelist=RETRY_STATUSES,
-                    backoff_factor=0.5,
-                    raise_on_status=False,
-                )  # fmt: skip
-            ),
-        )
+        retry = _deadline_types()[0](
+            total=retries, status_forcelist=RETRY_STATUSES, backoff_factor=0.5,
+            raise_on_status=False,
+        )  # fmt: skip
+        retry.stop = stop
+        self.session.mount(self.api + "/", HTTPAdapter(max_retries=retry))
         self.timeout = timeout
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -1489,8 +1512,10 @@ class Stop:
         self.at = 0.0  # time.monotonic() of the first signal: the pod's grace runs from it
         self._events: list[threading.Event] = []
         self._lock = threading.Lock()
+        self.installed = False
 
     def install(self) -> None:
+        self.installed = True
         read_fd, write_fd = os.pipe()
         os.set_blocking(write_fd, False)
         signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
@@ -1500,6 +1525,18 @@ class Stop:
 
     def _record(self, signum: int, _frame: Any) -> None:
         self.signum = signum
+
+    def hold(self) -> None:
+        """From now on SIGTERM and SIGINT are ignored: the exit code is settled.
+
+        CPython puts the default handlers back while it shuts down, after
+        `main` returns; a signal then (the pod deleted as soon as the operator
+        sees the terminal status) would end the process with 143 or 130. An
+        ignored signal stays ignored to the end.
+        """
+        if self.installed:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_IGN)
 
     def _wake(self, read_fd: int) -> None:
         while data := os.read(read_fd, 1):
@@ -1958,6 +1995,7 @@ class Branch:
         self.signing = signing or Signing(state.commit_signing, os.path.dirname(record))
         self.pull_url = ""
         self.lock = threading.Lock()
+        self.own: Branch | None = None  # where save_work puts the work once this one moved
         if record:
             with contextlib.suppress(OSError, ValueError, AttributeError):
                 with open(record, encoding="utf-8") as f:
@@ -2293,11 +2331,11 @@ class Backup:
         local = self.branch.head()  # the one subprocess of a tick when nothing changed
         if not local or local == self.state.base_sha:
             return
-        if not self.branch.pushed(local):
+        if not (self.branch.own or self.branch).pushed(local):
             start = time.monotonic()
-            self.branch.push(time.monotonic())  # one try: the next tick is the retry
+            saved = save_work(self.branch, time.monotonic())  # one try: the next tick retries
             seconds = round(time.monotonic() - start, 3)
-            info("branch backed up", branch=self.state.branch, sha=local[:7], seconds=seconds)
+            info("branch backed up", branch=saved.state.branch, sha=local[:7], seconds=seconds)
             self.problem = ""
         left = self.state.token_expires_at - self.now()
         if self.state.token_expires_at and left < TOKEN_MARGIN and not self.branch.pull_url:
@@ -3214,6 +3252,40 @@ last lines of output are at the end of {context_path}.
 
 
 # ---------------------------------------------------------------------------
+# a continued pull request whose branch moved: the work is kept on shepherd/{taskID}
+# ---------------------------------------------------------------------------
+
+
+def save_work(branch: Branch, deadline: float) -> Branch:
+    """Pushes the work of the task's branch; returns the Branch that now holds it.
+
+    That is `branch` itself, unless it is a continued pull request's branch
+    that someone pushed to while the agent worked (the push is refused as
+    non-fast-forward, and it is never forced): from then on the work goes to
+    the runner's own branch shepherd/{taskID}, so that it is never only in the
+    pod. The conclusion still rebases it onto the pull request's branch, or
+    opens the pull request that links it (onto_moved_branch).
+    """
+    if branch.own is None:
+        try:
+            branch.push(deadline)
+            return branch
+        except BranchMoved:
+            state = branch.state
+            own = dataclasses.replace(state, branch=BRANCH_PREFIX + state.task_id, owns_branch=True)
+            branch.own = Branch(branch.git, own, sleep=branch.sleep, signing=branch.signing)
+            warn("the pull request's branch moved; the work is saved on the runner's own branch",
+                 branch=state.branch, saved_on=own.branch)  # fmt: skip
+    own = branch.own
+    try:  # its local ref follows the pull request's, which the agent works on
+        branch.git("branch", "--force", own.state.branch, f"refs/heads/{branch.state.branch}")
+    except CommandError as exc:
+        raise PushError(f"keeping the work on {own.state.branch} failed: {exc}", False) from None
+    own.push(deadline)
+    return own
+
+
+# ---------------------------------------------------------------------------
 # the pull request's checks: waited for, and what fails sent back to the agent
 # ---------------------------------------------------------------------------
 
@@ -3886,9 +3958,9 @@ class ChecksGate:
         return Outcome(outcome.event, message, {**outcome.details, "checks": checks})
 
 
-def remote_head(branch: Branch) -> str:
-    """The sha of the task branch on the remote: what the pull request's checks run on."""
-    out = branch.git("ls-remote", "origin", f"refs/heads/{branch.state.branch}", timeout=60)
+def remote_head(git: Git, branch: str) -> str:
+    """The sha of `branch` on the remote: what the pull request's checks run on."""
+    out = git("ls-remote", "origin", f"refs/heads/{branch}", timeout=60)
     return out.split("\t")[0] if out else ""
 
 
@@ -4311,25 +4383,98 @@ _INVISIBLE_RE = re.compile(
 _COMMENT_RE = re.compile(r"<!--(?:-?>|.*?-->|.*)", re.DOTALL)
 
 
+# A link reference definition (CommonMark 4.7): `[label]: destination`, with
+# an optional "title", 'title' or (title), on lines of its own (in a quote or a
+# list item too); the destination and the title may start a line of their own.
+# GitHub shows nothing of it, and one that no link uses is markdown's comment:
+# `[//]: # (hidden text)`. A label or title never holds a blank line.
+_BREAK = r"[ \t]*\n(?:[ \t]*>)*[ \t]*"  # a line break inside a definition
+_TEXT_BREAK = r"\n(?![ \t>]*\n)"  # a line break inside its label or title
+_LINK_DEF_RE = re.compile(
+    rf"""^(?:[ \t]*(?:>|[-+*][ \t]|\d{{1,9}}[.)][ \t]))*[ \t]*
+    \[(?P<label>(?:[^\[\]\\\n]|\\.|{_TEXT_BREAK}){{1,999}})\]:
+    (?:[ \t]*|{_BREAK})
+    (?:<(?:[^<>\\\n]|\\.)*>|[^\s<]\S*)
+    (?:(?:[ \t]+|{_BREAK})
+      (?:"(?:[^"\\\n]|\\.|{_TEXT_BREAK})*"
+        |'(?:[^'\\\n]|\\.|{_TEXT_BREAK})*'
+        |\((?:[^()\\\n]|\\.|{_TEXT_BREAK})*\)))?
+    [ \t]*(?:\n|\Z)""",
+    re.MULTILINE | re.VERBOSE,
+)
+# Where a link uses a definition: `[text][label]`, `[label][]`, `[label]`.
+_LABEL_USE_RE = re.compile(r"\[((?:[^\[\]\\]|\\.){1,999})\]")
+
+
+def _label(text: str) -> str:
+    return " ".join(text.split()).casefold()  # labels match as CommonMark matches them
+
+
+def _drop_unused_link_definitions(text: str) -> str:
+    """`text` without the link reference definitions that no link in it uses."""
+    if "]:" not in text:
+        return text
+    used = {_label(m[1]) for m in _LABEL_USE_RE.finditer(_LINK_DEF_RE.sub("", text))}
+
+    def drop(match: re.Match[str]) -> str:
+        label = _label(match["label"])
+        return match[0] if not label or label in used else ""
+
+    return _LINK_DEF_RE.sub(drop, text)
+
+
 def sanitize_task_text(text: str) -> tuple[str, int]:
     """`text` without what GitHub does not show: (the text left, characters removed).
 
-    HTML comments go first, as GitHub parses the raw text, then the invisible
-    characters. Everything visible is kept, also what only looks like a
-    comment once they are gone (`<!<!-- -->--x-->` shows as `<!--x-->`).
+    HTML comments go first, as GitHub parses the raw text, then the link
+    reference definitions no link uses (markdown's comments), then the
+    invisible characters. Everything visible is kept, also what only looks
+    like a comment once they are gone (`<!<!-- -->--x-->` shows as `<!--x-->`).
     """
-    clean = _INVISIBLE_RE.sub("", _COMMENT_RE.sub("", text))
+    clean = _drop_unused_link_definitions(_COMMENT_RE.sub("", text))
+    clean = _INVISIBLE_RE.sub("", clean)
     return clean, len(text) - len(clean)
 
 
+SOURCE_URL_MAX = 2048
+
+
+def source_url_problem(url: str) -> str | None:
+    """Why `url` cannot be the task's sourceURL (it reaches the prompt and the PR body), or None."""
+    if len(url) > SOURCE_URL_MAX:
+        return f"it is longer than {SOURCE_URL_MAX} characters"
+    # isprintable() is False for control, format (zero-width, bidi, tags) and separator characters.
+    if not url.isprintable() or " " in url:
+        return "it has spaces, control or invisible characters"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        return "it is not a well-formed URL"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "it is not an absolute http(s) URL"
+    return None
+
+
 def sanitize_task_data(data: dict[str, Any]) -> dict[str, Any]:
-    """The task data with its description and context sanitized (they come from anyone)."""
+    """The task data with its description and context sanitized (they come from anyone).
+
+    A sourceURL that is not a plain http(s) URL is dropped, with a warning.
+    """
     clean, removed = dict(data), 0
     for key in ("description", "context"):
         if isinstance(data.get(key), str):
             clean[key], count = sanitize_task_text(data[key])
             removed += count
     info("task text sanitized", removed_chars=removed)
+    if isinstance(url := data.get("sourceURL"), str):
+        url = url.strip()
+        if problem := url and source_url_problem(url):
+            warn("sourceURL dropped", reason=problem, source_url=clip(url, 300))
+        if url and not problem:
+            clean["sourceURL"] = url
+        else:
+            del clean["sourceURL"]
     return clean
 
 
@@ -4387,16 +4532,19 @@ def _validate_ref(ref: str) -> None:
         raise Failure(f"repository ref {ref!r} is not an acceptable branch or tag name")
 
 
-def source_pull(github: GitHub, number: int) -> tuple[dict[str, Any] | None, str]:
+def source_pull(
+    github: GitHub, number: int, sleep: Callable[[float], Any] = time.sleep
+) -> tuple[dict[str, Any] | None, str]:
     """Pull request `number`, the one the task was written on: (pull, why_not).
 
     `why_not` is "" when the task continues it (open, its head in this
     repository), else why the work goes to a new pull request instead. None
-    when it does not exist: the task is then an ordinary one.
+    when it does not exist: the task is then an ordinary one. `sleep` waits
+    between tries.
     """
     what = f"fetching pull request #{number}"
     try:
-        pull = retrying(lambda: github.get_pull(number), time.monotonic() + 60, what)
+        pull = retrying(lambda: github.get_pull(number), time.monotonic() + 60, what, sleep)
     except GitHubError as exc:
         if exc.status == 404:
             info("the task's pull request does not exist; the usual flow", number=number)
@@ -4437,11 +4585,12 @@ def source_pull(github: GitHub, number: int) -> tuple[dict[str, Any] | None, str
     return pull, why_not
 
 
-def pull_context(github: GitHub, number: int) -> str:
+def pull_context(github: GitHub, number: int, sleep: Callable[[float], Any] = time.sleep) -> str:
     """The review comments of pull request `number`, for ~/task-context.md."""
     what = f"fetching the review comments of pull request #{number}"
+    deadline = time.monotonic() + 30
     try:
-        comments = retrying(lambda: github.review_comments(number), time.monotonic() + 30, what)
+        comments = retrying(lambda: github.review_comments(number), deadline, what, sleep)
     except GitHubError as exc:
         warn("the agent goes without the review comments", error=str(exc))
         return f"\n\n## Review comments on pull request #{number}\n\n(they could not be fetched)\n"
@@ -4588,16 +4737,17 @@ class TaskRun:
 
     def __init__(self, cfg: Config, assignment: Assignment, ctx: Context) -> None:
         self.cfg, self.assignment, self.ctx = cfg, assignment, ctx
+        self.signalled = ctx.stop.subscribe(threading.Event())
         self.api = ShepherdAPI(
-            assignment.api_url, assignment.task_id, session=ctx.session,
-            retry=ctx.retry, token_retries=ctx.token_retries, redact=ctx.redact,
+            assignment.api_url, assignment.task_id, session=ctx.session, retry=ctx.retry,
+            token_retries=ctx.token_retries, redact=ctx.redact, stop=self.signalled,
         )  # fmt: skip
         self.details: dict[str, Any] = _no_metrics()
         # Marks every process started for this task (the clone, the agent and
         # all it starts) so that a signal can stop them wherever they are.
         self.run_id = secrets.token_hex(8)
         self.state_dir = state_dir(ctx.home)
-        self.signalled = ctx.stop.subscribe(threading.Event())
+        self.last_push = False  # the push after a signal: it waits within its own budget
         self.parser = StreamParser(ctx.redact)  # one event sequence for the whole task
         self.sender: EventSender | None = None
 
@@ -4612,12 +4762,19 @@ class TaskRun:
             timeout=_deadline_types()[1](*SIGNAL_STATUS_TIMEOUT, deadline), redact=self.ctx.redact,
         )  # fmt: skip
 
-    def _sleep(self, seconds: float) -> None:
-        """Waits between retries; a signal during the wait ends the conclusion.
+    def _report(self, event: str, message: str, details: dict[str, Any]) -> bool:
+        """The one terminal status; a signal that ends its retries leaves it to `_reporter`."""
+        if self.ctx.stop.signum is None and self.api.report_status(event, message, details):
+            return True
+        signalled = self.ctx.stop.signum is not None
+        return signalled and self._reporter().report_status(event, message, details)
 
-        After a signal, waits are the last push's own, within its budget.
+    def _sleep(self, seconds: float) -> None:
+        """Waits between retries; a signal, before or during the wait, ends the step.
+
+        After a signal only the last push waits, within its own budget.
         """
-        if self.signalled.is_set():
+        if self.last_push:
             time.sleep(seconds)
         elif self.signalled.wait(seconds):
             raise Failure(self.ctx.stop.reason)
@@ -4642,10 +4799,12 @@ class TaskRun:
             outcome = self._flow()
         except TaskGone as exc:
             info("task is already terminal; nothing to do", task_id=task_id, reason=str(exc))
+            log_task_summary("nothing_to_do", self.details)
             return Ending.NOTHING_TO_DO
         except (Failure, ApiError) as exc:
             if isinstance(exc, ApiError) and exc.status == 404:
                 error("task unknown to the API; cannot report", task_id=task_id, error=str(exc))
+                log_task_summary("unreported", self.details)
                 return Ending.UNREPORTED
             extra = getattr(exc, "details", {})
             outcome = Outcome("failed", str(exc), {"error": str(exc), **extra})
@@ -4661,7 +4820,7 @@ class TaskRun:
         # answers /events with 410 from the first terminal status on.
         self._close_events()
         details = {**self.details, **outcome.details, "reported_by": "shepherd-runner"}
-        delivered = self._reporter().report_status(outcome.event, outcome.message, details)
+        delivered = self._report(outcome.event, outcome.message, details)
         if not delivered:
             error("terminal status lost", event=outcome.event, message=outcome.message)
         info("task finished", task_id=task_id, status=outcome.event, delivered=delivered)
@@ -4673,7 +4832,9 @@ class TaskRun:
         started_at = time.time()
         data, repo = self._task_data()
         token = self._token()
-        github = GitHub(repo, token.value, api_url=self.cfg.github_api_url or None)
+        github = GitHub(
+            repo, token.value, api_url=self.cfg.github_api_url or None, stop=self.signalled
+        )
         source = self._source_pull(data, repo, github)
         context_path = self._stage_home(data, source)
         gitenv = git_env(self.ctx.environ, repo.url, token.value)
@@ -4729,9 +4890,9 @@ class TaskRun:
         source = SourcePull(number=pull_number(data.get("sourceURL") or "", repo) or 0)
         if source.number:
             with step("fetch pull request", number=source.number):
-                source.pull, source.why_not = source_pull(github, source.number)
+                source.pull, source.why_not = source_pull(github, source.number, self._sleep)
                 if source.pull:
-                    source.comments = pull_context(github, source.number)
+                    source.comments = pull_context(github, source.number, self._sleep)
         return source
 
     def _stage_home(self, data: dict[str, Any], source: SourcePull) -> str:
@@ -4863,13 +5024,15 @@ class TaskRun:
         if not self.cfg.ci_wait or outcome.event != "completed" or "pr_url" not in outcome.details:
             return outcome
         state = branch.state
+        # The pull request's branch: the runner's own when a continued one had moved.
+        name = outcome.details.get("branch") or state.branch
         api = ChecksAPI(
             parse_repo_url(state.repo_url), token.value, api_url=self.cfg.github_api_url or None,
             until=token.expires_at - TOKEN_MARGIN,
         )  # fmt: skip
         gate = ChecksGate(
             self.cfg, state, api, pull_url=outcome.details["pr_url"], home=self.ctx.home,
-            stop=self.ctx.stop, head=lambda: remote_head(branch),
+            stop=self.ctx.stop, head=lambda: remote_head(branch.git, name),
             fix=lambda cmd, limits: self._fix_round(
                 cmd, limits, env=env, branch=branch, github=github, token=token
             ),
@@ -4965,17 +5128,19 @@ class TaskRun:
         if state.token_expired(time.time()):
             kept = expired_outcome(state, branch.git, branch, details)
             return Outcome("failed", f"{reason}; {kept.message}", kept.details | {"error": reason})
+        self.last_push = True
         with step("last push", commits=ahead):
             try:
-                branch.push(time.monotonic() + LAST_PUSH_BUDGET)
+                kept = save_work(branch, time.monotonic() + LAST_PUSH_BUDGET)
             except PushError as exc:
                 message = f"{reason}; its {_plural(ahead, 'commit')} could not be pushed ({exc})"
                 return Outcome("failed", message, details | getattr(exc, "details", {}))
-        details["signed"] = signed_details(branch)
-        where = branch.where(details)
-        return Outcome(
-            "failed", f"{reason}; its work ({_plural(ahead, 'commit')}) is on {where}", details
-        )
+        details["branch"] = kept.state.branch
+        details["signed"] = signed_details(kept)
+        message = f"{reason}; its work ({_plural(ahead, 'commit')}) is on {kept.where(details)}"
+        if kept is not branch:
+            message += f": the branch of pull request {state.pull_url} moved while the agent worked"
+        return Outcome("failed", message, details)
 
 
 def scrub_files(roots: Iterable[str], redact: Redactor, secret: str) -> int:
@@ -5120,12 +5285,14 @@ def main(
     _preflight(cfg, environ)
     ctx = Context(environ=environ, home=home or os.path.expanduser("~"), redact=redact)
     ctx.stop.install()
+    ending = serve(cfg, ctx)
+    ctx.stop.hold()  # the exit code is settled: no signal may change it now
     return {
         Ending.REPORTED: EXIT_OK,
         Ending.NOTHING_TO_DO: EXIT_OK,
         Ending.UNREPORTED: EXIT_UNDELIVERED,
         Ending.CANNOT_LISTEN: EXIT_LISTEN,
-    }[serve(cfg, ctx)]
+    }[ending]
 
 
 if __name__ == "__main__":

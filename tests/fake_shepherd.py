@@ -264,6 +264,17 @@ class FakeShepherd(LoopbackServer):
                 raise AssertionError(f"no such event within {timeout}s; got {task.events}")
             return copy.deepcopy(found())
 
+    def wait_requests(self, suffix, count, timeout=30) -> int:
+        """Waits until `count` requests to `suffix` (any task) have come in; returns how many."""
+
+        def seen():
+            return sum(1 for _, path, _ in self.requests if urlsplit(path).path.endswith(suffix))
+
+        with self._cond:
+            if not self._cond.wait_for(lambda: seen() >= count, timeout):
+                raise AssertionError(f"{seen()} requests to {suffix} in {timeout}s, not {count}")
+            return seen()
+
     def fail_next(self, task_id, suffix, codes: list[int | str]):
         """The next len(codes) requests to `suffix` of `task_id` get these answers.
 
@@ -295,6 +306,7 @@ class FakeShepherd(LoopbackServer):
     def _handle(self, h):
         with self._cond:
             self.requests.append((h.command, h.path, dict(h.headers)))
+            self._cond.notify_all()
         body = read_body(h, MAX_BODY)
         path = urlsplit(h.path).path
         if path == "/healthz" and h.command in ("GET", "HEAD"):

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 _ids = itertools.count(1)
 
@@ -188,6 +189,20 @@ def main():
         done.wait(600)
         stop("I updated the greeting.")
         result("interrupted", subtype="error_during_execution", is_error=True)
+        sys.exit(143)
+    elif scenario == "gated-hang":
+        # Commits once STAND_IN_GATE exists, then works until SIGTERM; with
+        # STAND_IN_TERM_RUNNER it signals the runner itself right after the
+        # commit, before the branch backup's next look (every 2 s).
+        while not os.path.exists(os.environ["STAND_IN_GATE"]):
+            time.sleep(0.05)
+        done = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: done.set())
+        commit()
+        if os.environ.get("STAND_IN_TERM_RUNNER"):
+            os.kill(int(os.environ["SHEPHERD_RUNNER_PID"]), signal.SIGTERM)
+        say("Working on it.")
+        done.wait(600)
         sys.exit(143)
 
 

@@ -14,6 +14,7 @@ import logging
 import re
 
 import pytest
+import requests
 import responses
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -108,6 +109,37 @@ def test_the_task_ends_with_one_summary_line(run, api, github):
     assert fields["events_dropped"] == "0"
     assert float(fields["seconds"]) > 0
     assert fields["input_tokens"] == fields["output_tokens"] == "0"  # the stand-in has no usage
+
+
+def summary_of(runner):
+    summaries = [ln for ln in runner.output.splitlines() if " INFO task summary " in ln]
+    assert len(summaries) == 1, runner.output
+    return dict(re.findall(r" (\w+)=(\S+)", summaries[0]))
+
+
+@pytest.mark.parametrize(
+    ("task", "code", "outcome"),
+    [(TASK, sr.EXIT_OK, "nothing_to_do"), ("no-such-task", sr.EXIT_UNDELIVERED, "unreported")],
+    ids=["410", "404"],
+)
+def test_a_task_the_api_says_is_terminal_or_unknown_still_gets_its_summary_line(
+    tmp_path, home, api, github, token, task, code, outcome
+):
+    api.add_task(TASK, repo_url=github.create_repo("acme", "widgets"), token=token)
+    cancelled = {"event": "failed", "message": "cancelled"}  # /data answers 410 from now on
+    requests.post(f"{api.url}/api/v1/tasks/{TASK}/status", json=cancelled, timeout=5)
+    env = runner_env(tmp_path, claude_bin=STAND_IN, github=github, HOME=str(home))
+    runner = Runner(env)
+    try:
+        runner.assign(task, api.url)
+        assert runner.wait() == code, runner.output
+    finally:
+        runner.kill()
+    fields = summary_of(runner)
+    assert set(fields) >= SUMMARY_KEYS and fields["task_id"] == task
+    assert fields["outcome"] == outcome and float(fields["seconds"]) > 0
+    assert (fields["turns"], fields["events_sent"], fields["pr_url"]) == ("0", "0", "null")
+    assert " INFO task summary " in runner.output.splitlines()[-2]  # the last line ("<eof>" ends)
 
 
 def test_json_format_by_flag_writes_every_line_as_json_the_hooks_too(run, api, github):

@@ -388,15 +388,69 @@ def test_agent_rewriting_the_branch_is_not_force_pushed(on_pull, github):
     assert not any(p["forced"] for p in github.pushes)
 
 
-def test_backup_of_a_moved_branch_pushes_nothing_and_leaves_the_decision(on_pull, github):
+def test_backup_of_a_moved_branch_saves_the_work_on_the_runners_branch(on_pull, github):
     state, git, gh = on_pull
-    agent_commits(git)
+    sha = agent_commits(git)
     theirs = github.commit_to("acme", "widgets", FEATURE, {"NOTES.md": "more\n"}, "Their fix")
     branch = sr.Branch(git, state)
-    with pytest.raises(sr.BranchMoved, match=r"rejected"):
-        sr.Backup(branch, gh).tick()
+    backup = sr.Backup(branch, gh)
+    backup.tick()
+    assert github.branch_sha("acme", "widgets", f"shepherd/{TASK}") == sha
+    assert github.branch_sha("acme", "widgets", FEATURE) == theirs  # never forced
+    more = agent_commits(git, "README.md", "hello world, again\n", "More work")
+    backup.tick()  # from now on straight to the runner's branch
+    assert github.branch_sha("acme", "widgets", f"shepherd/{TASK}") == more
+    backup.tick()  # nothing new: no push
+    assert [p["ref"] for p in github.pushes] == [f"refs/heads/shepherd/{TASK}"] * 2
+    assert not any(p["forced"] for p in github.pushes)
+    # The conclusion still rebases onto the pull request's branch when that is clean.
+    outcome = sr.conclude(state, git, gh, last_message="Done.", may_block=False,
+                          deadline=time.monotonic() + 30, branch=branch)  # fmt: skip
+    assert outcome.event == "completed" and outcome.details["pr_url"] == github.pulls[0]["html_url"]
+    assert github.log("acme", "widgets", FEATURE)[:3] == [
+        "More work",
+        "Greet the world",
+        "Their fix",
+    ]
+
+
+def test_conflicting_work_saved_by_the_backup_ends_on_the_linking_pull_request(on_pull, github):
+    state, git, gh = on_pull
+    sha = agent_commits(git)
+    github.commit_to("acme", "widgets", FEATURE, {"README.md": "bye\n"}, "Their fix")
+    branch = sr.Branch(git, state)
+    sr.Backup(branch, gh).tick()
+    outcome = sr.conclude(state, git, gh, last_message="Done.", may_block=False,
+                          deadline=time.monotonic() + 30, branch=branch)  # fmt: skip
+    assert outcome.event == "completed", outcome
+    _, new = github.pulls
+    assert new["head"] == f"shepherd/{TASK}" and outcome.details["pr_url"] == new["html_url"]
+    assert github.branch_sha("acme", "widgets", f"shepherd/{TASK}") == sha
+    assert not any(p["forced"] for p in github.pushes)
+
+
+def test_push_refused_on_a_moved_branch_saves_the_work_on_the_runners_branch(on_pull, github):
+    state, git, gh = on_pull
+    sha = agent_commits(git)
+    theirs = github.commit_to("acme", "widgets", FEATURE, {"NOTES.md": "more\n"}, "Their fix")
+    branch = sr.Branch(git, state)
+    kept = sr.save_work(branch, time.monotonic() + 5)
+    assert kept is branch.own and kept.state.branch == f"shepherd/{TASK}"
+    assert kept.state.owns_branch and kept.remote == sha
+    assert github.branch_sha("acme", "widgets", f"shepherd/{TASK}") == sha
     assert github.branch_sha("acme", "widgets", FEATURE) == theirs
-    assert github.pushes == []
+    details = {}
+    assert kept.where(details) == f"branch shepherd/{TASK} ({details['compare_url']})"
+    assert details["compare_url"].endswith(f"/acme/widgets/compare/main...shepherd/{TASK}")
+
+
+def test_work_on_a_branch_that_did_not_move_is_saved_on_it(on_pull, github):
+    state, git, gh = on_pull
+    sha = agent_commits(git)
+    branch = sr.Branch(git, state)
+    assert sr.save_work(branch, time.monotonic() + 5) is branch and branch.own is None
+    assert github.branch_sha("acme", "widgets", FEATURE) == sha
+    assert github.branch_sha("acme", "widgets", f"shepherd/{TASK}") is None
 
 
 def test_state_with_the_pull_request_survives_the_state_file(on_pull, tmp_path):
