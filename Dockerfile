@@ -3,7 +3,8 @@
 # Dockerfile builder (`docker buildx build .`, release workflow).
 #
 # Stages: `claude` fetches the pinned Claude Code CLI with npm and keeps only
-# its native binary; `venv` installs the runner into a virtualenv; the final
+# its native binary; `venv` installs the runner into a virtualenv; `portable`
+# freezes it into /opt/shepherd-runner for images without Python; the final
 # stage has neither Node.js nor a C compiler nor build caches; it has Go.
 
 ARG CLAUDE_CODE_VERSION=2.1.197
@@ -57,6 +58,37 @@ RUN /opt/shepherd/venv/bin/pip install /src \
     && /opt/shepherd/venv/bin/pip uninstall -y -q setuptools pip \
     && /opt/shepherd/venv/bin/python -c 'import shepherd_runner, hook, requests'
 
+# --- the portable runner --------------------------------------------------------
+# The runner, requests and the interpreter frozen into one directory by
+# PyInstaller (deploy/portable.spec), for images without Python: README, "Bring
+# your own image". Built on bookworm whatever the final stage's base: the
+# directory runs with any glibc at least as new as the one it was built with
+# (2.36). libpython3.11 is the shared interpreter that it bundles; binutils
+# strips the binaries.
+FROM debian:bookworm-slim AS portable
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends \
+        binutils ca-certificates libpython3.11 python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/*
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_CERT=/etc/ssl/certs/ca-certificates.crt
+COPY deploy/portable-requirements.txt /build/
+RUN python3 -m venv /build/venv \
+    && /build/venv/bin/pip install -r /build/portable-requirements.txt
+WORKDIR /src
+COPY setup.cfg pyproject.toml README* shepherd_runner.py hook.py ./
+COPY deploy/portable.spec deploy/portable_main.py deploy/
+# requests as the venv stage gets it; then /opt/shepherd-runner/, at most 30 MB.
+RUN /build/venv/bin/pip install /src \
+    && /build/venv/bin/pyinstaller --noconfirm --log-level WARN \
+        --distpath /opt --workpath /build/work deploy/portable.spec \
+    && /opt/shepherd-runner/shepherd-runner --version \
+    && du -sh /opt/shepherd-runner \
+    && test "$(du -sm /opt/shepherd-runner | cut -f1)" -le 30
+
 # --- final image ---------------------------------------------------------------
 FROM debian:bookworm-slim
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
@@ -96,6 +128,7 @@ RUN groupadd --gid 1000 shepherd \
 
 COPY --from=claude /out/claude /usr/local/bin/claude
 COPY --from=venv /opt/shepherd/venv /opt/shepherd/venv
+COPY --from=portable /opt/shepherd-runner /opt/shepherd-runner
 # Baked under /etc/shepherd: $HOME is an emptyDir at run time, so the runner
 # copies these into ~/.claude/ when it starts.
 COPY settings.json CLAUDE.md /etc/shepherd/
@@ -103,7 +136,7 @@ COPY settings.json CLAUDE.md /etc/shepherd/
 # What the agent installs goes first: ~/.local/bin (pip install --user) and
 # $GOPATH/bin (go install); both are created under the emptyDir HOME when
 # first used. The runner's venv comes last: `python` is still the venv's (the
-# only `python`; the Stop hook runs `python -m shepherd_runner hook`), while
+# only `python`; the staged Stop hook runs it by its path), while
 # python3 and pip are Debian's, so what pip installs with --user is importable.
 # PEP 668: uid 1000 cannot write the system site-packages at all, so letting
 # pip past Debian's EXTERNALLY-MANAGED marker only opens the user site

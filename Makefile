@@ -8,7 +8,7 @@ CLAUDE_DIR := .cache/claude-code-$(CLAUDE_CODE_VERSION)
 CLAUDE := $(CLAUDE_DIR)/node_modules/.bin/claude
 export SHEPHERD_TEST_CLAUDE_BIN := $(abspath $(CLAUDE))
 
-.PHONY: install claude test test-e2e lint run demo fixtures clean
+.PHONY: install claude test test-e2e lint run demo fixtures clean portable
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,23 @@ run: install
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info
+
+# The portable runner (deploy/portable.spec) built here, for bench/portable.py:
+# build/portable/shepherd-runner/. The image builds its own in a Dockerfile stage.
+PORTABLE_VENV := build/portable-venv
+PORTABLE := build/portable/shepherd-runner/shepherd-runner
+
+$(PORTABLE_VENV)/.installed: deploy/portable-requirements.txt setup.cfg
+	$(PYTHON) -m venv $(PORTABLE_VENV)
+	$(PORTABLE_VENV)/bin/pip install -q -r deploy/portable-requirements.txt .
+	touch $@
+
+$(PORTABLE): $(PORTABLE_VENV)/.installed shepherd_runner.py hook.py deploy/portable.spec deploy/portable_main.py
+	$(PORTABLE_VENV)/bin/pyinstaller --noconfirm --log-level WARN \
+		--distpath build/portable --workpath build/pyinstaller deploy/portable.spec
+	$@ --version
+
+portable: $(PORTABLE)
 
 # The container image: `make image`, `make image-test` (buildah/podman, root).
 include deploy/image.mk

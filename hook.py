@@ -96,7 +96,10 @@ def _hook(
         return EXIT_BAD_INPUT
     event = str(payload.get("hook_event_name") or "Stop")
     again = bool(payload.get("stop_hook_active"))
-    sr.info("stop hook", task_id=task_id, hook_event=event, stop_hook_active=again)
+    sr.info(
+        "stop hook", task_id=task_id, hook_event=event, stop_hook_active=again,
+        executable=sys.executable,  # the venv's python or the portable runner
+    )  # fmt: skip
 
     state_dir = environ.get("SHEPHERD_STATE_DIR") or sr.state_dir(environ.get("HOME", "~"))
     if os.path.exists(os.path.join(state_dir, sr.STOP_FILE)):

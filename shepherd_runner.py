@@ -27,6 +27,7 @@ import os
 import re
 import secrets
 import selectors
+import shlex
 import shutil
 import signal
 import socketserver
@@ -37,7 +38,7 @@ import threading
 import time
 import typing
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 # requests (with urllib3) is imported where it is used: ~100 ms of the start
@@ -4354,6 +4355,83 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 # ---------------------------------------------------------------------------
+# the runner's own command: the Stop hook in settings.json, the portable build
+# ---------------------------------------------------------------------------
+
+# Set by PyInstaller's bootloader in the portable build (/opt/shepherd-runner).
+FROZEN = bool(getattr(sys, "frozen", False))
+
+
+def runner_command(executable: str = sys.executable, frozen: bool = FROZEN) -> tuple[str, ...]:
+    """The command that starts this runner: the portable build's executable
+    itself, or this interpreter (a venv's, which has `requests`) with -m."""
+    return (executable,) if frozen else (executable, "-m", "shepherd_runner")
+
+
+RUNNER_COMMAND = runner_command()
+# The start of a hook command that runs the runner, as settings.json writes
+# it (`python -m shepherd_runner hook`) or as the portable build is named.
+_RUNNER_HOOK_RE = re.compile(
+    r"\s*(?:\S*/)?(?:python(?:3(?:\.\d+)?)?\s+-m\s+shepherd_runner|shepherd-runner)(?=\s|$)"
+)
+
+
+def point_hooks_at(settings: Any, runner: Sequence[str]) -> int:
+    """Makes each hook command of `settings` that runs the runner run `runner`
+    (the rest of the command kept); how many it changed.
+
+    settings.json stays one file for every build: the portable one has no
+    `python`, and a venv's python need not be the first on the agent's PATH.
+    """
+    command = shlex.join(runner)
+    changed = 0
+    todo = [settings.get("hooks")] if isinstance(settings, dict) else []
+    while todo:
+        node = todo.pop()
+        if isinstance(node, list):
+            todo.extend(node)
+        elif isinstance(node, dict):
+            hook = node.get("command")
+            if isinstance(hook, str) and (m := _RUNNER_HOOK_RE.match(hook)):
+                node["command"] = command + hook[m.end() :]
+                changed += 1
+            todo.extend(v for k, v in node.items() if k != "command")
+    return changed
+
+
+def stage_settings(source: str, target: str, runner: Sequence[str]) -> None:
+    """Copies settings.json with its runner hooks pointed at `runner`; raises OSError."""
+    with open(source, "rb") as f:
+        raw = f.read()
+    try:
+        settings = json.loads(raw)
+    except ValueError as exc:  # the CLI will say so too; the runner still concludes
+        warn("settings.json is not JSON; staged as it is", path=source, error=str(exc))
+    else:
+        if changed := point_hooks_at(settings, runner):
+            raw = (json.dumps(settings, indent=2) + "\n").encode()
+            info("hook commands run this runner", hooks=changed, command=shlex.join(runner))
+    with open(target, "wb") as f:
+        f.write(raw)
+
+
+def unfreeze_environ(environ: MutableMapping[str, str]) -> None:
+    """Takes out of `environ` what PyInstaller's bootloader put there for itself.
+
+    Its LD_LIBRARY_PATH (the portable build's own libssl, libz...) would reach
+    git, the CLI and the agent's commands, and its _PYI_* variables would make
+    the Stop hook's bootloader take itself for this process restarted.
+    """
+    original = environ.pop("LD_LIBRARY_PATH_ORIG", None)
+    if original is None:
+        environ.pop("LD_LIBRARY_PATH", None)
+    else:
+        environ["LD_LIBRARY_PATH"] = original
+    for key in [key for key in environ if key.startswith("_PYI_")]:
+        del environ[key]
+
+
+# ---------------------------------------------------------------------------
 # the task flow
 # ---------------------------------------------------------------------------
 
@@ -4369,7 +4447,6 @@ class Context:
     token_retries: Retry | None = None
     redact: Redactor = dataclasses.field(default_factory=Redactor)
     stop: Stop = dataclasses.field(default_factory=Stop)
-    python: str = sys.executable
 
 
 # Text that a reader of the issue does not see but the model would: zero-width
@@ -4599,8 +4676,9 @@ def pull_context(github: GitHub, number: int, sleep: Callable[[float], Any] = ti
     return text
 
 
-def stage_config(config_dir: str, home: str) -> None:
-    """Copies settings.json and CLAUDE.md into ~/.claude/ (HOME is an emptyDir in the pod)."""
+def stage_config(config_dir: str, home: str, runner: Sequence[str] = RUNNER_COMMAND) -> None:
+    """Copies settings.json and CLAUDE.md into ~/.claude/ (HOME is an emptyDir in the pod),
+    the hooks that run the runner made to run `runner` (the command that started this one)."""
     target = os.path.join(home, ".claude")
     try:
         os.makedirs(target, exist_ok=True)
@@ -4612,7 +4690,10 @@ def stage_config(config_dir: str, home: str) -> None:
             warn("config file missing; the agent runs without it", path=source)
             continue
         try:
-            shutil.copyfile(source, os.path.join(target, name))
+            if name == "settings.json":
+                stage_settings(source, os.path.join(target, name), runner)
+            else:
+                shutil.copyfile(source, os.path.join(target, name))
         except OSError as exc:
             raise Failure(f"cannot stage {source} into {target}: {exc.strerror}") from None
 
@@ -4659,13 +4740,8 @@ def agent_env(ctx: Context, state: TaskState, gitenv: Mapping[str, str], api: st
         DISABLE_AUTOUPDATER="1",
         CI="true",
     )
-    # The Stop hook runs `python -m shepherd_runner`: make `python` this interpreter.
-    bindir = os.path.dirname(ctx.python)
-    path = env.get("PATH", os.defpath).split(os.pathsep)
-    if bindir and bindir not in path:
-        path = [bindir, *path]
     # What the repository's setup (or the agent) installs is found by name.
-    env["PATH"] = with_user_bins(os.pathsep.join(path), env, ctx.home)
+    env["PATH"] = with_user_bins(env.get("PATH", os.defpath), env, ctx.home)
     return env
 
 

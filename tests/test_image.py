@@ -453,8 +453,12 @@ def test_task_runs_end_to_end_inside_the_image(image, run_args, api, github, tok
         podman("wait", ctr.name, timeout=60)
         state, logs = ctr.state(), ctr.logs()
     assert terminal["event"] == "completed", (terminal, logs)
-    # The image's baked settings.json hook (python -m shepherd_runner hook) decided it.
+    # The image's baked settings.json hook (python -m shepherd_runner hook),
+    # staged as the venv's python by its path, decided it.
     assert terminal["details"]["decided_by"] == "stop-hook", logs
+    venv_runner = "/opt/shepherd/venv/bin/python3 -m shepherd_runner"
+    assert f'hook commands run this runner hooks=2 command="{venv_runner}"' in logs
+    assert "executable=/opt/shepherd/venv/bin/python3" in logs
     assert github.log("acme", "widgets", f"shepherd/{TASK}")[0] == "Update greeting"
     assert len(github.pulls) == 1
     assert state["ExitCode"] == 0, logs
@@ -483,3 +487,100 @@ def test_podman_stop_during_a_task_reports_failed_and_leaves_nothing(
     assert took < STOP_BUDGET
     assert _processes(marker) == []
     print(f"podman stop during a task: {took:.2f} s to a clean exit")
+
+
+# --- bring your own image: the portable runner in an image without Python ----
+
+BYOI_IMAGE = os.environ.get("SHEPHERD_BYOI_IMAGE", "")
+PORTABLE = "/opt/shepherd-runner/shepherd-runner"
+PORTABLE_MAX_KB = 30 * 1000  # the directory's budget: 30 MB
+
+
+@pytest.fixture(scope="module")
+def byoi_image(image: str) -> str:
+    """deploy/byoi.Dockerfile built on the Debian base with the runner from `image`."""
+    if not BYOI_IMAGE:
+        pytest.fail("SHEPHERD_BYOI_IMAGE is not set: `make image-test` builds it and sets it")
+    if podman("image", "exists", BYOI_IMAGE, check=False).returncode != 0:
+        pytest.fail(f"image {BYOI_IMAGE} does not exist: `make image-byoi`")
+    return BYOI_IMAGE
+
+
+def test_the_image_ships_the_portable_runner_for_copy_from(container: Container) -> None:
+    proc = container.exec(PORTABLE, "--version")
+    assert (proc.returncode, proc.stdout.strip()) == (0, "shepherd-runner 0.1.0"), proc.stderr
+    proc = container.exec(
+        "sh", "-c", "test ! -w /opt/shepherd-runner && du -sk /opt/shepherd-runner"
+    )
+    assert proc.returncode == 0, proc.stderr
+    size_kb = int(proc.stdout.split()[0])
+    print(f"/opt/shepherd-runner: {size_kb / 1000:.1f} MB")
+    assert size_kb <= PORTABLE_MAX_KB
+
+
+def test_the_byoi_image_has_no_python_only_the_portable_runner(byoi_image, run_args) -> None:
+    script = (
+        "id -u; id -g; echo $HOME"
+        " && ! command -v python3 && ! command -v python"
+        " && command -v git && command -v tini && command -v claude"
+        ' && test -w "$HOME" && test -w /workspace'
+        f" && {PORTABLE} --help"
+    )
+    proc = podman("run", "--rm", "--network", "host", *run_args, "--entrypoint", "sh",
+                  byoi_image, "-c", script, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[:3] == ["1000", "1000", "/home/shepherd"]
+    assert lines[3:6] == ["/usr/bin/git", "/usr/bin/tini", "/usr/local/bin/claude"]
+    assert "usage: shepherd-runner serve" in proc.stdout
+
+
+def test_the_portable_runner_serves_and_stops_promptly_in_the_byoi_image(byoi_image, run_args):
+    with runner_container(byoi_image, run_args, free_port()) as ctr:
+        status, _, took = wait_healthy(ctr)
+        proc = ctr.exec("cat", "/proc/1/cmdline")
+        start = time.monotonic()
+        podman("stop", "--time", "30", ctr.name, timeout=60)
+        stopped = time.monotonic() - start
+        state = ctr.state()
+    assert status == 200
+    assert proc.stdout.split("\0")[:3] == ["/usr/bin/tini", "--", PORTABLE]
+    assert stopped < STOP_BUDGET and state["ExitCode"] == 0, state
+    print(f"byoi image: /healthz after {took:.1f} s, stopped {stopped:.1f} s after SIGTERM")
+
+
+def test_a_whole_task_runs_in_the_byoi_image_with_the_hook_from_the_portable_runner(
+    byoi_image, run_args, api, github, token
+):
+    # The commit message says how many of the bootloader's variables the
+    # agent's commands see: none (unfreeze_environ).
+    commit = (
+        "n=$(env | grep -c -e '^LD_LIBRARY_PATH=' -e '^_PYI_');"
+        ' git add -A && git commit -qm "Update greeting ($n loader variables)"'
+    )
+    script = [
+        {"tool": "Read", "input": {"file_path": "README.md"}},
+        {"tool": "Edit", "input": {"file_path": "README.md", "old_string": "hello",
+                                   "new_string": "hello world"}},
+        {"tool": "Bash", "input": {"command": commit, "description": "commit"}},
+        {"text": "Updated the greeting.", "end": True},
+    ]  # fmt: skip
+    start = time.monotonic()
+    with task_container(byoi_image, run_args, api, github, token, script) as ctr:
+        terminal = api.wait_terminal(TASK, timeout=120)
+        podman("wait", ctr.name, timeout=60)
+        state, logs = ctr.state(), ctr.logs()
+    assert terminal["event"] == "completed", (terminal, logs)
+    # The Stop hook decided, run as the staged settings.json says: the portable
+    # runner's executable (there is no python in this image to run another).
+    assert terminal["details"]["decided_by"] == "stop-hook", logs
+    assert f"hook commands run this runner hooks=2 command={PORTABLE}" in logs
+    assert "INFO stop hook decided event=completed" in logs
+    assert f"executable={PORTABLE}" in logs
+    assert github.log("acme", "widgets", f"shepherd/{TASK}")[0] == (
+        "Update greeting (0 loader variables)"
+    )
+    assert len(github.pulls) == 1
+    assert state["ExitCode"] == 0, logs
+    assert token not in logs
+    print(f"a task in the byoi image: {time.monotonic() - start:.1f} s")
