@@ -34,6 +34,7 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import parse_qs, urlencode, urlsplit
 
+from fake_checks import FakeChecks
 from fake_gitdata import GITDATA_ROUTES, GitData, gitdata_route
 from loopback import LoopbackServer
 
@@ -183,12 +184,17 @@ class FakeGitHub(GitData, LoopbackServer):
         self._pull_extras: dict[tuple[str, int], dict] = {}
         self._comments: dict[tuple[str, int], list[dict]] = {}
         self._comment_ids = itertools.count(100001)
+        self.checks = FakeChecks(self)  # check runs, statuses, job logs, rules; the CI
 
     def start(self) -> FakeGitHub:
         self.root.mkdir(parents=True, exist_ok=True)
         super().start()
         self.api_url = self.url + "/api/v3"
         return self
+
+    def stop(self) -> None:
+        self.checks.stop()
+        super().stop()
 
     # -- test-facing API ------------------------------------------------
 
@@ -453,6 +459,8 @@ class FakeGitHub(GitData, LoopbackServer):
         match = GIT_PATH.fullmatch(url.path)
         if match:
             return self._git_http(h, url, match, body)
+        if self.checks.download(h, url.path):
+            return None
         return h.reply(404, {"message": "Not Found"})
 
     def _git_http(self, h, url, match, body):
@@ -548,6 +556,7 @@ class FakeGitHub(GitData, LoopbackServer):
             push = {"repo": f"{owner}/{name}", "ref": ref, "old": old, "new": new}
             with self._lock:
                 self.pushes.append({**push, "forced": forced, "at": _now()})
+            self.checks.pushed(push["repo"], ref, new)
 
     def _api(self, h, url, body):
         scheme, _, token = h.headers.get("Authorization", "").partition(" ")
@@ -566,6 +575,8 @@ class FakeGitHub(GitData, LoopbackServer):
         with self._lock:
             self.api_requests.append(h.record)
 
+        if self.checks.route(h, url.path, h.record["query"], authorized):
+            return None
         match = REPO_API.fullmatch(url.path)
         route = ROUTES.get((h.command, _resource(match))) if match else None
         arg = int(match[4]) if route and match[4] else None  # a pull request's number
