@@ -866,7 +866,7 @@ class GitHub:
 
         url = f"{self.api}/repos/{self.repo.owner}/{self.repo.name}{path}"
         try:
-            resp = self.session.request(method, url, timeout=self.timeout, **kwargs)
+            resp = self.session.request(method, url, **({"timeout": self.timeout} | kwargs))
         except requests.RequestException as exc:
             raise GitHubError(f"GitHub API unreachable at {self.api}: {_reason(exc)}") from None
         if resp.status_code in (200, 201):
@@ -2018,8 +2018,11 @@ class Branch:
         record: str = "",
         sleep: Callable[[float], Any] = time.sleep,
         signing: Signing | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.git, self.state, self.record, self.sleep = git, state, record, sleep
+        self.clock = clock
         self.remote: str | None = None  # the remote branch's sha as last seen; "": absent
         # How commits reach GitHub (git push, or recreated through the API), shared
         # through the state dir beside the record.
@@ -2065,26 +2068,60 @@ class Branch:
             with contextlib.suppress(OSError):
                 _write_json(self.record, {"remote": self.remote, "pull_url": self.pull_url})
 
+    def own_branch(self, note: str = "") -> Branch:
+        """The runner's own branch shepherd/{taskID}, its local ref moved to this one's.
+
+        Where the work goes once this (a continued pull request's) branch
+        moved: made once, with this one's sleep, clock and signing. `note`
+        says why, for the pull request that links the original.
+        """
+        if self.own is None:
+            own = dataclasses.replace(
+                self.state, branch=BRANCH_PREFIX + self.state.task_id, owns_branch=True
+            )
+            self.own = Branch(self.git, own, sleep=self.sleep, signing=self.signing,
+                              clock=self.clock)  # fmt: skip
+        if note:
+            self.own.state = dataclasses.replace(self.own.state, pull_note=note)
+        name = self.own.state.branch
+        try:  # its local ref follows this one's, which the agent works on
+            self.git("branch", "--force", name, f"refs/heads/{self.state.branch}")
+        except CommandError as exc:
+            # The Stop hook's process and the backup may move it at the same moment.
+            transient = bool(_TRANSIENT_GIT.search(exc.err))
+            raise PushError(f"keeping the work on {name} failed: {exc}", transient) from None
+        return self.own
+
     def push(self, deadline: float) -> str:
         """Brings the remote branch to the local one, retrying; returns the sha pushed."""
-        if not self.lock.acquire(timeout=max(deadline - time.monotonic(), 0)):
+        if not self.lock.acquire(timeout=max(deadline - self.clock(), 0)):
             raise PushError("another push of the branch is still running", transient=True)
         try:
-            return retrying(self._push, deadline, f"pushing {self.state.branch}", self.sleep)
+            return retrying(
+                lambda: self._push(deadline), deadline, f"pushing {self.state.branch}",
+                self.sleep, self.clock,
+            )  # fmt: skip
         finally:
             self.lock.release()
 
-    def _push(self) -> str:
-        self.signing.load()  # the Stop hook's process may have switched to the API
+    def _time_left(self, deadline: float, most: float) -> float:
+        """A subprocess's timeout: what is left before `deadline`, at least a second."""
+        return min(most, max(deadline - self.clock(), 1.0))
+
+    def _push(self, deadline: float = float("inf")) -> str:
+        self.signing.load_switch()  # the Stop hook's process may have switched to the API
         if self.signing.api:
-            return push_through_api(self)
+            return push_through_api(self, deadline)
         branch = self.state.branch
         local = self.head()
         self.signing.check_refused(branch, local)
         try:
             if self.remote is None:
-                out = self.git("ls-remote", "origin", f"refs/heads/{branch}", timeout=60)
-                self.remote = out.split("\t")[0] if out else ""
+                out = self.git(
+                    "ls-remote", "origin", f"refs/heads/{branch}",
+                    timeout=self._time_left(deadline, 60),
+                )  # fmt: skip
+                self.remote = ls_remote_sha(out)
             if local == self.remote:
                 return local
             # Pushing the sha, not the ref: a commit made meanwhile waits for
@@ -2095,13 +2132,14 @@ class Branch:
             lease = [f"--force-with-lease=refs/heads/{branch}:{self.remote}"]
             self.git(
                 "push", "--quiet", *(lease if self.state.owns_branch else []),
-                "origin", f"{local}:refs/heads/{branch}", timeout=120,
+                "origin", f"{local}:refs/heads/{branch}",
+                timeout=self._time_left(deadline, 120),
             )  # fmt: skip
         except CommandError as exc:
             seen, self.remote = self.remote, None  # read it again: it may have moved
             detail = exc.err.strip() or str(exc)
             if rules := push_rules(detail):
-                return refused_by_rules(self, rules, seen)
+                return refused_by_rules(self, rules, seen, deadline)
             message = clip(f"pushing {branch} failed: {detail}", 800)
             if not self.state.owns_branch and _REJECTED.search(detail):
                 raise BranchMoved(message) from None
@@ -2109,6 +2147,11 @@ class Branch:
         self.remote = local
         self.save()
         return local
+
+
+def ls_remote_sha(out: str) -> str:
+    """The sha of the one ref `git ls-remote` printed ("<sha>\\t<ref>"); "" when none."""
+    return out.split("\t", maxsplit=1)[0] if out else ""
 
 
 def open_pull(
@@ -2179,18 +2222,11 @@ def onto_moved_branch(
                 return state, branch
             except BranchMoved:
                 note = "its branch kept moving while the runner pushed the agent's commits"
-    own = dataclasses.replace(
-        state, branch=BRANCH_PREFIX + state.task_id, owns_branch=True, pull_note=note
-    )
+    kept = branch.own_branch(note)
     warn("the work goes to the runner's own branch and a new pull request",
-         branch=own.branch, pull_url=state.pull_url, reason=note)  # fmt: skip
-    try:
-        git("branch", "--force", own.branch, f"refs/heads/{name}")
-    except CommandError as exc:
-        raise PushError(f"keeping the work on {own.branch} failed: {exc}", False) from None
-    kept = Branch(git, own, signing=branch.signing)
+         branch=kept.state.branch, pull_url=state.pull_url, reason=note)  # fmt: skip
     kept.push(deadline)
-    return own, kept
+    return kept.state, kept
 
 
 def _is_ancestor(git: Git, ancestor: str, ref: str) -> bool:
@@ -2215,12 +2251,18 @@ def expired_outcome(state: TaskState, git: Git, branch: Branch, details: dict) -
     when = f"the GitHub token expired at {_clock(state.token_expires_at)}"
     if state.started_at:
         when += f", {_plural(minutes, 'minute')} into the task"
-    local, pushed = branch.head(), branch.signing.local_of(branch.remote or "")
+    # A continued pull request's branch that moved: the backup kept the work on its own.
+    local, branch = branch.head(), branch.own or branch
+    pushed = branch.signing.local_of(branch.remote or "")
     try:
         later = int(git("rev-list", "--count", f"{pushed}..{local}") or 0) if pushed else 0
     except (CommandError, ValueError):  # the remote holds a commit this clone never had
         pushed = ""
-    details = details | {"token_expired_at": _rfc3339(state.token_expires_at)}
+    details = details | {
+        "branch": branch.state.branch,
+        "token_expired_at": _rfc3339(state.token_expires_at),
+        "signed": signed_details(branch),
+    }
     if not pushed:
         commits = _plural(details.get("commits", 0), "commit")
         message = f"{when}; the {commits} are only in the pod"
@@ -2228,7 +2270,7 @@ def expired_outcome(state: TaskState, git: Git, branch: Branch, details: dict) -
     where = branch.where(details)
     if later == 0 and branch.pull_url:
         # A continued pull request was never the runner's draft.
-        note = "" if state.pull_url else "it stays a draft: "
+        note = "" if not branch.state.owns_branch else "it stays a draft: "
         message = f"pull request {branch.pull_url} ({note}{when})"
         return Outcome("completed", message, details)
     message = f"{when}; "
@@ -2369,20 +2411,21 @@ class Backup:
             info("branch backed up", branch=saved.state.branch, sha=local[:7], seconds=seconds)
             self.problem = ""
         left = self.state.token_expires_at - self.now()
-        if self.state.token_expires_at and left < TOKEN_MARGIN and not self.branch.pull_url:
+        holder = self.branch.own or self.branch  # the branch the work is on
+        if self.state.token_expires_at and left < TOKEN_MARGIN and not holder.pull_url:
             expiry = _clock(self.state.token_expires_at)
             summary = (
                 f"Draft: the GitHub token expires at {expiry}; this pull request keeps the "
                 "work pushed until then."
-            ) + recreated_note(self.branch)
+            ) + recreated_note(holder)
             pull, _ = open_pull(
-                self.github, self.state, self.branch.git.redact, summary=summary, draft=True,
+                self.github, holder.state, holder.git.redact, summary=summary, draft=True,
                 deadline=time.monotonic(),
             )  # fmt: skip
-            self.branch.pull_url = pull.get("html_url", "")
-            self.branch.save()
+            holder.pull_url = pull.get("html_url", "")
+            holder.save()
             info("draft pull request keeps the work before the token expires",
-                 pr_url=self.branch.pull_url, expires=expiry)  # fmt: skip
+                 pr_url=holder.pull_url, expires=expiry)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
@@ -2400,6 +2443,10 @@ BLOB_LIMIT = 100 << 20  # the Git Data API takes blobs of up to 100 MB
 INLINE_LIMIT = 256 << 10
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 NOTE_COMMITS_MAX = 50  # original commit ids listed in a pull request's body
+# Seconds left before a push's deadline that reading a recreated commit back
+# (its signature) needs; with less, the pushed work comes first (a signal's
+# last push has LAST_PUSH_BUDGET in all).
+VERIFY_TIME = 2.0
 _RULE_HEAD = re.compile(r"\bGH\d{3}: ")
 
 
@@ -2440,15 +2487,25 @@ class Signing:
     def _path(self, name: str) -> str:
         return os.path.join(self.directory, name)
 
-    def load(self) -> None:
+    def _read(self) -> dict[str, Any]:
         if not self.directory:
-            return
+            return {}
         try:
             with open(self._path(SIGNING_FILE), encoding="utf-8") as f:
                 data = json.load(f)
         except (OSError, ValueError):
-            return
-        commits = data.get("commits") if isinstance(data, dict) else None
+            return {}
+        return data if isinstance(data, dict) and isinstance(data.get("commits"), dict) else {}
+
+    def load_switch(self) -> None:
+        """Whether another process switched to the API. The map is read only under the
+        lock: a thread of this process may be adding to it."""
+        if data := self._read():
+            self.switched = data.get("switched") is True
+
+    def load(self) -> None:
+        data = self._read()
+        commits = data.get("commits")
         if isinstance(commits, dict):
             self.switched = data.get("switched") is True
             self.commits = {k: v for k, v in commits.items() if isinstance(v, str)}
@@ -2535,7 +2592,9 @@ def _requires_signatures(rules: list[str]) -> bool:
     return any(r.lstrip("-* ").lower() == SIGNATURE_RULE.lower() for r in rules)
 
 
-def refused_by_rules(branch: Branch, rules: list[str], seen: str | None) -> str:
+def refused_by_rules(
+    branch: Branch, rules: list[str], seen: str | None, deadline: float = float("inf")
+) -> str:
     """A push refused by repository rules. In `auto` mode, refused for unsigned
     commits, it is made again through the API (for the rest of the task);
     otherwise RuleRefused quotes the rules and says where the work is."""
@@ -2548,7 +2607,7 @@ def refused_by_rules(branch: Branch, rules: list[str], seen: str | None) -> str:
             rule=SIGNATURE_RULE,
         )
         signing.switch()
-        return push_through_api(branch)
+        return push_through_api(branch, deadline)
     raise rule_refusal(branch, rules, seen)
 
 
@@ -2564,7 +2623,12 @@ def rule_refusal(branch: Branch, rules: list[str], seen: str | None) -> RuleRefu
         message += f"the work up to {up_to[:7]} is on {branch.where(details)}, later commits "
         message += "only in the pod"
     else:
-        message += f"the work ({_plural(commits_ahead(git, state), 'commit')}) is only in the pod"
+        try:
+            message += f"the work ({_plural(commits_ahead(git, state), 'commit')}) "
+        except (CommandError, ValueError) as exc:  # the base is not in the clone
+            warn("the task's commits cannot be counted", error=str(exc))
+            message += "the work "
+        message += "is only in the pod"
     path, problem = save_bundle(branch)
     if path:
         details["bundle"] = path
@@ -2596,19 +2660,23 @@ def save_bundle(branch: Branch) -> tuple[str, str]:
     return path, ""
 
 
-def push_through_api(branch: Branch) -> str:
+def push_through_api(branch: Branch, deadline: float = float("inf")) -> str:
     """Brings the remote branch to the local one with commits made through the API.
 
     Each local commit the remote lacks is recreated once (the map); then the
     ref is created or moved: fast-forward only, except the runner's own
     branch, which is forced once its remote tip is one the runner knows (its
     last push, or a copy it made), as --force-with-lease does for git.
-    Returns the local sha, as a git push does.
+    Returns the local sha, as a git push does. Every call ends by `deadline`;
+    the signature is read back only with VERIFY_TIME left.
     """
     state, signing, start = branch.state, branch.signing, time.monotonic()
     local, tip = branch.head(), None
     signing.check_refused(state.branch, local)
-    commits = ApiCommits(branch.git, signing.github(state, branch.git), signing, state.base_sha)
+    commits = ApiCommits(
+        branch.git, signing.github(state, branch.git), signing, state.base_sha,
+        deadline=deadline, clock=branch.clock,
+    )  # fmt: skip
     with signing.locked():
         try:
             tip = commits.ref(state.branch)
@@ -2621,7 +2689,7 @@ def push_through_api(branch: Branch) -> str:
         except GitHubError as exc:
             branch.remote = None  # read it again
             raise _api_failure(branch, exc, tip) from None
-        except CommandError as exc:
+        except (CommandError, ValueError) as exc:  # ValueError: git printed the unexpected
             raise PushError(f"reading the commits to recreate failed: {exc}", False) from None
     if commits.made:
         info(
@@ -2730,13 +2798,20 @@ class ApiCommits:
         base_sha: str,
         *,
         blob_limit: int = BLOB_LIMIT,
+        deadline: float = float("inf"),
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.git, self.github, self.signing, self.base_sha = git, github, signing, base_sha
-        self.blob_limit = blob_limit
+        self.blob_limit, self.deadline, self.clock = blob_limit, deadline, clock
         self.made = 0  # commits recreated
         self.calls = 0
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        if self.deadline < float("inf"):
+            if self.clock() >= self.deadline:
+                raise PushError(f"no time left for {method} {path} on GitHub", transient=False)
+            # Each try, retries included, ends by the deadline (a signal's last push).
+            kwargs["timeout"] = _deadline_types()[1](*self.github.timeout, self.deadline)
         self.calls += 1
         return self.github._call(method, path, **kwargs)
 
@@ -2765,6 +2840,11 @@ class ApiCommits:
 
     def verify(self, sha: str) -> None:
         """Reads the commit back and records whether GitHub verified its signature."""
+        if self.deadline - self.clock() < VERIFY_TIME:
+            # No "sha": a later push with the time for it reads this one back.
+            self.signing.verification = {"verified": False, "reason": "not read back"}
+            info("no time left to read the recreated commits' signature back", sha=sha[:7])
+            return
         try:
             commit = self._call("GET", f"/commits/{sha}").get("commit") or {}
             said = commit.get("verification") or {}
@@ -3297,21 +3377,19 @@ def save_work(branch: Branch, deadline: float) -> Branch:
     pod. The conclusion still rebases it onto the pull request's branch, or
     opens the pull request that links it (onto_moved_branch).
     """
+    note = ""
     if branch.own is None:
         try:
             branch.push(deadline)
             return branch
         except BranchMoved:
-            state = branch.state
-            own = dataclasses.replace(state, branch=BRANCH_PREFIX + state.task_id, owns_branch=True)
-            branch.own = Branch(branch.git, own, sleep=branch.sleep, signing=branch.signing)
-            warn("the pull request's branch moved; the work is saved on the runner's own branch",
-                 branch=state.branch, saved_on=own.branch)  # fmt: skip
-    own = branch.own
-    try:  # its local ref follows the pull request's, which the agent works on
-        branch.git("branch", "--force", own.state.branch, f"refs/heads/{branch.state.branch}")
-    except CommandError as exc:
-        raise PushError(f"keeping the work on {own.state.branch} failed: {exc}", False) from None
+            note = "its branch moved while the agent worked"
+            warn(
+                "the pull request's branch moved; the work is saved on the runner's own branch",
+                branch=branch.state.branch,
+                saved_on=BRANCH_PREFIX + branch.state.task_id,
+            )
+    own = branch.own_branch(note)
     own.push(deadline)
     return own
 
@@ -5240,6 +5318,7 @@ class TaskRun:
                 kept = save_work(branch, time.monotonic() + LAST_PUSH_BUDGET)
             except PushError as exc:
                 message = f"{reason}; its {_plural(ahead, 'commit')} could not be pushed ({exc})"
+                details["signed"] = signed_details(branch.own or branch)  # some may be there
                 return Outcome("failed", message, details | getattr(exc, "details", {}))
         details["branch"] = kept.state.branch
         details["signed"] = signed_details(kept)

@@ -8,7 +8,9 @@ with the real CLI.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import time
 
 import pytest
@@ -464,10 +466,11 @@ class ScriptedGit:
     """Stands in for `Git` in Branch: answers each command from `answers`, records argv."""
 
     def __init__(self, answers):
-        self.answers, self.calls = answers, []
+        self.answers, self.calls, self.timeouts = answers, [], {}
 
     def __call__(self, *args, timeout=60):
         self.calls.append(args)
+        self.timeouts[args[0]] = timeout
         answer = self.answers[args[0]].pop(0)
         if isinstance(answer, sr.CommandError):
             raise answer
@@ -497,3 +500,100 @@ def test_push_colliding_with_a_concurrent_push_of_the_branch_is_tried_again(owns
     assert branch_push == local and slept == [1.0]
     [push] = [c for c in git.calls if c[0] == "push"]
     assert any(a.startswith("--force-with-lease") for a in push) is owns_branch
+
+
+def test_a_push_after_a_signal_gives_git_no_longer_than_its_budget():
+    local = "c" * 40
+    git = ScriptedGit({"rev-parse": [local], "ls-remote": [""], "push": [""]})
+    state = sr.TaskState("t", "https://github.com/acme/widgets", "/x", "b", "main", "0" * 40)
+    sr.Branch(git, state).push(time.monotonic() + sr.LAST_PUSH_BUDGET)
+    assert 1 <= git.timeouts["push"] <= sr.LAST_PUSH_BUDGET
+    assert 1 <= git.timeouts["ls-remote"] <= sr.LAST_PUSH_BUDGET
+
+
+def test_a_push_past_its_deadline_still_gives_git_a_second():
+    local = "c" * 40
+    git = ScriptedGit({"rev-parse": [local], "ls-remote": [""], "push": [""]})
+    state = sr.TaskState("t", "https://github.com/acme/widgets", "/x", "b", "main", "0" * 40)
+    sr.Branch(git, state)._push(time.monotonic() - 10)
+    assert git.timeouts["push"] == git.timeouts["ls-remote"] == 1.0
+
+
+def test_work_moved_to_the_runners_branch_is_retried_with_the_branchs_sleep(on_pull, github):
+    state, git, _ = on_pull
+    sha = agent_commits(git)
+    github.commit_to("acme", "widgets", FEATURE, {"README.md": "bye\n"}, "Their fix")
+    slept = []
+    branch = sr.Branch(git, state, sleep=slept.append)
+    with pytest.raises(sr.BranchMoved):
+        branch.push(time.monotonic() + 30)
+    github.fail_next("git_push", [503])
+    own_state, kept = sr.onto_moved_branch(state, git, branch, time.monotonic() + 30)
+    assert slept == [1.0]  # a signal's Event.wait, not time.sleep
+    assert kept is branch.own and kept.sleep == branch.sleep
+    assert own_state.branch == f"shepherd/{TASK}"
+    assert "did not rebase cleanly" in own_state.pull_note
+    assert github.branch_sha("acme", "widgets", f"shepherd/{TASK}") == sha
+
+
+def test_work_saved_then_moved_again_reuses_the_runners_branch(on_pull, github):
+    state, git, _ = on_pull
+    agent_commits(git)
+    github.commit_to("acme", "widgets", FEATURE, {"README.md": "bye\n"}, "Their fix")
+    branch = sr.Branch(git, state)
+    saved = sr.save_work(branch, time.monotonic() + 30)
+    more = agent_commits(git, "NOTES.md", "notes, more\n", "More work")
+    own_state, kept = sr.onto_moved_branch(state, git, branch, time.monotonic() + 30)
+    assert kept is saved is branch.own and kept.state is own_state and kept.remote == more
+    assert github.branch_sha("acme", "widgets", f"shepherd/{TASK}") == more
+
+
+def test_a_concurrent_move_of_the_runners_branch_is_a_transient_failure(on_pull, github):
+    # The Stop hook's process and the backup both move shepherd/{taskID} locally.
+    state, git, _ = on_pull
+    agent_commits(git)
+    github.commit_to("acme", "widgets", FEATURE, {"README.md": "bye\n"}, "Their fix")
+    lock = f"{git.cwd}/.git/refs/heads/shepherd/{TASK}.lock"
+    os.makedirs(os.path.dirname(lock))
+    open(lock, "w").close()  # the other process's `git branch --force`, in flight
+    with pytest.raises(sr.PushError, match="cannot lock ref") as caught:
+        sr.save_work(sr.Branch(git, state), time.monotonic() + 30)
+    assert caught.value.transient
+
+
+def expired(state, now):
+    return dataclasses.replace(state, token_expires_at=now - 60, started_at=now - 3600)
+
+
+def test_expired_token_after_the_backup_saved_a_moved_branch_says_where_the_work_is(
+    on_pull, github
+):
+    state, git, gh = on_pull
+    sha = agent_commits(git)
+    github.commit_to("acme", "widgets", FEATURE, {"README.md": "bye\n"}, "Their fix")
+    branch = sr.Branch(git, state)
+    sr.Backup(branch, gh).tick()
+    state = expired(state, time.time())
+    outcome = sr.conclude(state, git, gh, last_message="Done.", may_block=False,
+                          deadline=time.monotonic() + 30, branch=branch)  # fmt: skip
+    assert outcome.event == "failed"
+    assert f"the work up to {sha[:7]} is in branch shepherd/{TASK}" in outcome.message, outcome
+    assert outcome.details["branch"] == f"shepherd/{TASK}"
+    assert outcome.details["signed"] == {"mode": "git", "commits": 1, "verified": False}
+
+
+def test_backup_before_expiry_opens_the_draft_on_the_branch_that_holds_the_work(on_pull, github):
+    state, git, gh = on_pull
+    sha = agent_commits(git)
+    github.commit_to("acme", "widgets", FEATURE, {"README.md": "bye\n"}, "Their fix")
+    state = dataclasses.replace(state, token_expires_at=time.time() + 60)
+    branch = sr.Branch(git, state)
+    sr.Backup(branch, gh).tick()
+    original, draft = github.pulls
+    assert draft["head"] == f"shepherd/{TASK}" and draft["draft"] is True
+    assert f"The task was written on pull request {original['html_url']}" in draft["body"]
+    assert branch.own.pull_url == draft["html_url"] and not branch.pull_url
+    outcome = sr.expired_outcome(expired(state, time.time()), git, branch, {"commits": 1})
+    assert outcome.event == "completed"
+    assert outcome.message.startswith(f"pull request {draft['html_url']} (it stays a draft: ")
+    assert github.branch_sha("acme", "widgets", f"shepherd/{TASK}") == sha

@@ -142,3 +142,19 @@ def test_sigterm_on_a_pull_request_whose_branch_moved_keeps_the_work_on_the_runn
     assert github.branch_sha("acme", "widgets", FEATURE) == theirs  # untouched
     assert not any(p["forced"] for p in github.pushes), github.pushes
     assert [p["html_url"] for p in github.pulls] == [pull["html_url"]]  # no new one: no time
+
+
+def test_a_failed_last_push_after_sigterm_still_says_how_commits_reach_github(
+    world, api, github, tmp_path
+):
+    api.add_task(TASK, repo_url=world.repo_url, token=github.token)
+    gate = tmp_path / "gate"
+    runner = world.start("gated-hang", STAND_IN_GATE=str(gate), STAND_IN_TERM_RUNNER="1")
+    runner.assign(TASK, api.url)
+    runner.wait_for(r" INFO agent process started ")
+    github.fail_next("git_push", [503] * 20)  # every push in the last push's 5 s
+    gate.touch()
+    assert runner.wait(timeout=sr.POD_GRACE) == sr.EXIT_OK, runner.output
+    terminal = api.terminal(TASK)
+    assert "its 1 commit could not be pushed" in terminal["message"], terminal
+    assert terminal["details"]["signed"] == {"mode": "git", "commits": 0, "verified": False}

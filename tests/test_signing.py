@@ -9,6 +9,7 @@ the same with the real CLI.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -456,3 +457,85 @@ def test_an_unknown_commit_signing_value_is_a_usage_error():
     with pytest.raises(sr.UsageError, match=r"--commit-signing \(SHEPHERD_COMMIT_SIGNING\): "
                        r"'gpg' is not one of auto, api, off"):  # fmt: skip
         sr.parse_config(["serve"], {"SHEPHERD_COMMIT_SIGNING": "gpg"})
+
+
+# ---------------------------------------------------------------------------
+# a push with a deadline (a signal's last push)
+# ---------------------------------------------------------------------------
+
+
+def test_an_api_push_with_no_time_left_for_the_read_back_pushes_and_says_so(clone):
+    c = clone("api").clone()
+    c.write("a.txt", "a\n")
+    local = c.commit("A")
+
+    def clock():  # the ref update takes what was left of the budget
+        return time.monotonic() + (60 if c.calls("POST", "/git/refs") else 0)
+
+    branch = sr.Branch(c.git, c.state, str(c.state_dir / sr.BRANCH_FILE), clock=clock)
+    c.push(branch, budget=30)
+    assert c.remote() == c.mapping()[local]
+    assert not c.calls("GET", f"/commits/{c.remote()}")
+    assert sr.signed_details(branch) == {
+        "mode": "api", "commits": 1, "verified": False, "reason": "not read back"
+    }  # fmt: skip
+    branch.clock = time.monotonic
+    c.push(branch)  # a later push with the time for it reads it back
+    assert sr.signed_details(branch)["verified"] is True
+
+
+def test_an_api_push_past_its_deadline_makes_no_call(clone):
+    c = clone("api").clone()
+    c.write("a.txt", "a\n")
+    c.commit("A")
+    with pytest.raises(sr.PushError, match="no time left for GET"):
+        c.push(budget=0)
+    assert c.github.api_requests == [] and c.remote() is None
+
+
+def test_a_push_leaves_the_map_another_thread_is_adding_to(clone):
+    c = clone("api").clone()
+    c.write("a.txt", "a\n")
+    c.commit("A")
+    signing = sr.Signing("api", str(c.state_dir))
+    signing.save()  # the map as the state dir holds it
+    with signing.locked():  # the backup thread, recreating a commit
+        held = signing.commits
+        held["a" * 40] = "b" * 40
+        branch = sr.Branch(c.git, c.state, str(c.state_dir / sr.BRANCH_FILE), signing=signing)
+        with pytest.raises(sr.PushError, match="another process is pushing"):
+            branch._push()
+        assert signing.commits is held
+    assert c.mapping() == {"a" * 40: "b" * 40}
+
+
+def test_a_rule_refusal_whose_commits_cannot_be_counted_still_says_where_they_are(clone):
+    c = clone("off").clone()
+    c.write("a.txt", "a\n")
+    c.commit("A")
+    state = dataclasses.replace(c.state, base_sha="f" * 40)  # not in the clone
+    branch = sr.Branch(c.git, state, str(c.state_dir / sr.BRANCH_FILE))
+    refusal = sr.rule_refusal(branch, ["- Commits must have verified signatures."], None)
+    assert isinstance(refusal, sr.RuleRefused)
+    assert "the work is only in the pod" in str(refusal)
+    assert "no git bundle of it could be saved" in str(refusal)
+
+
+class GarbledGit(sr.Git):
+    """A git whose diff-tree prints what no git version prints."""
+
+    def __call__(self, *args, **kwargs):
+        if args[0] == "diff-tree":
+            return "M\0garbled"
+        return super().__call__(*args, **kwargs)
+
+
+def test_unexpected_git_output_while_recreating_is_a_clear_push_failure(clone):
+    c = clone("api").clone()
+    c.write("a.txt", "a\n")
+    c.commit("A")
+    git = GarbledGit(c.git.cwd, c.git.env, c.git.redact)
+    branch = sr.Branch(git, c.state, str(c.state_dir / sr.BRANCH_FILE))
+    with pytest.raises(sr.PushError, match="reading the commits to recreate failed") as caught:
+        branch.push(time.monotonic() + 20)
+    assert not caught.value.transient and c.remote() is None
