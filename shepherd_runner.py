@@ -2092,11 +2092,18 @@ class Branch:
             raise PushError(f"keeping the work on {name} failed: {exc}", transient) from None
         return self.own
 
-    def push(self, deadline: float) -> str:
-        """Brings the remote branch to the local one, retrying; returns the sha pushed."""
-        if not self.lock.acquire(timeout=max(deadline - self.clock(), 0)):
+    def push(self, deadline: float, *, retry: bool = True) -> str:
+        """Brings the remote branch to the local one, retrying; returns the sha pushed.
+
+        Each try ends by `deadline` too. With `retry` False: one try, bounded
+        only by each call's own timeout (the backup's: its next tick retries).
+        """
+        wait = max(deadline - self.clock(), 0) if retry else 0
+        if not self.lock.acquire(timeout=wait):
             raise PushError("another push of the branch is still running", transient=True)
         try:
+            if not retry:
+                return self._push()
             return retrying(
                 lambda: self._push(deadline), deadline, f"pushing {self.state.branch}",
                 self.sleep, self.clock,
@@ -2406,7 +2413,7 @@ class Backup:
             return
         if not (self.branch.own or self.branch).pushed(local):
             start = time.monotonic()
-            saved = save_work(self.branch, time.monotonic())  # one try: the next tick retries
+            saved = save_work(self.branch, time.monotonic(), retry=False)  # the next tick retries
             seconds = round(time.monotonic() - start, 3)
             info("branch backed up", branch=saved.state.branch, sha=local[:7], seconds=seconds)
             self.problem = ""
@@ -3367,7 +3374,7 @@ last lines of output are at the end of {context_path}.
 # ---------------------------------------------------------------------------
 
 
-def save_work(branch: Branch, deadline: float) -> Branch:
+def save_work(branch: Branch, deadline: float, *, retry: bool = True) -> Branch:
     """Pushes the work of the task's branch; returns the Branch that now holds it.
 
     That is `branch` itself, unless it is a continued pull request's branch
@@ -3380,7 +3387,7 @@ def save_work(branch: Branch, deadline: float) -> Branch:
     note = ""
     if branch.own is None:
         try:
-            branch.push(deadline)
+            branch.push(deadline, retry=retry)
             return branch
         except BranchMoved:
             note = "its branch moved while the agent worked"
@@ -3390,7 +3397,7 @@ def save_work(branch: Branch, deadline: float) -> Branch:
                 saved_on=BRANCH_PREFIX + branch.state.task_id,
             )
     own = branch.own_branch(note)
-    own.push(deadline)
+    own.push(deadline, retry=retry)
     return own
 
 

@@ -597,3 +597,11 @@ def test_backup_before_expiry_opens_the_draft_on_the_branch_that_holds_the_work(
     assert outcome.event == "completed"
     assert outcome.message.startswith(f"pull request {draft['html_url']} (it stays a draft: ")
     assert github.branch_sha("acme", "widgets", f"shepherd/{TASK}") == sha
+
+
+def test_the_backups_one_try_gives_git_its_usual_time():
+    local = "c" * 40
+    git = ScriptedGit({"rev-parse": [local, local], "ls-remote": [""], "push": [""]})
+    state = sr.TaskState("t", "https://github.com/acme/widgets", "/x", "b", "main", "0" * 40)
+    sr.Backup(sr.Branch(git, state), github=None).tick()
+    assert git.timeouts["ls-remote"] == 60 and git.timeouts["push"] == 120
