@@ -823,6 +823,25 @@ class GitHubError(Exception):
         return self.status is None or self.status == 429 or self.status >= 500
 
 
+class Bearer:
+    """requests' `auth=` for a token: `Authorization: Bearer <token>`.
+
+    An explicit auth is what stops requests from reading ~/.netrc, whose entry
+    for the API's host would otherwise replace an Authorization header set on
+    the session (trust_env=False would also drop the proxy settings).
+    """
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    def __call__(self, request: Any) -> Any:
+        request.headers["Authorization"] = f"Bearer {self._token}"
+        return request
+
+    def __repr__(self) -> str:
+        return "Bearer(***)"
+
+
 class GitHub:
     """The few REST calls the runner needs, with `Authorization: Bearer <token>`."""
 
@@ -844,12 +863,9 @@ class GitHub:
         self.repo = repo
         self.api = (api_url or repo.api_url).rstrip("/")
         self.session = session or requests.Session()
+        self.session.auth = Bearer(token)
         self.session.headers.update(
-            {
-                "Authorization": f"Bearer {token}",
-                "Accept": "application/vnd.github+json",
-                "X-GitHub-Api-Version": "2022-11-28",
-            }
+            {"Accept": "application/vnd.github+json", "X-GitHub-Api-Version": "2022-11-28"}
         )
         # GETs are retried; a POST is not (it could open a second PR): the
         # caller looks for the PR again instead.
@@ -1134,6 +1150,8 @@ class StreamParser:
         self.redact = redact
         self.clock = clock
         self.sequence = 0
+        # The checks thread's events and the main thread's share the sequence.
+        self.lock = threading.RLock()
         self.tools: dict[str, str] = {}  # tool_use id -> tool name
         self.metrics: AgentMetrics | None = None
         self.last_text = ""
@@ -1170,9 +1188,11 @@ class StreamParser:
 
     def event(self, kind: str, summary: str, **fields: Any) -> dict[str, Any]:
         """An event; the summary is redacted here, `fields` come redacted already."""
-        self.sequence += 1
+        with self.lock:
+            self.sequence += 1
+            sequence = self.sequence
         summary = self.redact.head(summary.strip(), SUMMARY_LIMIT) or f"({kind})"
-        event = {"sequence": self.sequence, "timestamp": self.clock(), "type": kind}
+        event = {"sequence": sequence, "timestamp": self.clock(), "type": kind}
         event["summary"] = summary
         event.update({k: v for k, v in fields.items() if v is not None})
         return event
@@ -3333,6 +3353,8 @@ FAILED_CONCLUSIONS = frozenset({"failure", "timed_out", "cancelled", "startup_fa
 RATE_LIMIT_WAIT = 60.0  # GitHub's advice when a limit names no time
 LOG_TAIL_BYTES = 64 << 10  # the end of a job's log, asked with a Range
 LOG_READ_MAX = 16 << 20  # a download that ignores the Range is read this far
+LOG_READ_SECONDS = 30.0  # a log download, in the main thread: a signal waits this long at most
+REMOTE_HEAD_TIMEOUT = 20.0  # git ls-remote of the pull request's head, in the main thread
 FAILURE_LINES = 200  # the last lines of each failing check in ~/ci-failures.md
 FAILURE_LINE_CHARS = 500
 FAILURES_FILE = "ci-failures.md"
@@ -3497,10 +3519,11 @@ class ChecksAPI:
         self.base = f"{(api_url or repo.api_url).rstrip('/')}/repos/{repo.owner}/{repo.name}"
         self.session = session or requests.Session()
         self.download = requests.Session()  # for log URLs: never the token
+        self.auth = Bearer(token)
         self.headers = {
-            "Authorization": f"Bearer {token}", "Accept": "application/vnd.github+json",
+            "Accept": "application/vnd.github+json",
             "X-GitHub-Api-Version": "2022-11-28",
-        }  # fmt: skip
+        }
         self.interval, self.until, self.clock, self.now = interval, until, clock, now
         self.answers: dict[str, _Answer] = {}
         self.asked: dict[str, float] = {}  # URL -> time.monotonic() of its last request
@@ -3518,7 +3541,7 @@ class ChecksAPI:
         self.asked[url] = self.clock()
         try:
             return self.session.get(
-                url, headers={**self.headers, **headers}, timeout=CHECKS_TIMEOUT,
+                url, headers={**self.headers, **headers}, auth=self.auth, timeout=CHECKS_TIMEOUT,
                 allow_redirects=False,
             )  # fmt: skip
         except requests.RequestException as exc:
@@ -3607,10 +3630,11 @@ class ChecksAPI:
         return None
 
 
-def _log_tail(session: requests.Session, url: str) -> str | None:
-    """The last LOG_TAIL_BYTES of the log at `url`, asked for with a Range."""
+def _log_tail(session: requests.Session, url: str, seconds: float = LOG_READ_SECONDS) -> str | None:
+    """The last LOG_TAIL_BYTES of the log at `url`, asked with a Range, for `seconds` at most."""
     import requests  # noqa: PLC0415 - see the import block
 
+    end = time.monotonic() + seconds
     try:
         with session.get(
             url, headers={"Range": f"bytes=-{LOG_TAIL_BYTES}"}, stream=True, timeout=CHECKS_TIMEOUT
@@ -3621,7 +3645,7 @@ def _log_tail(session: requests.Session, url: str) -> str | None:
             for chunk in resp.iter_content(64 << 10):
                 read += len(chunk)
                 tail = (tail + chunk)[-LOG_TAIL_BYTES:]
-                if read >= LOG_READ_MAX:
+                if read >= LOG_READ_MAX or time.monotonic() >= end:
                     break
     except requests.RequestException as exc:
         info("a job log could not be downloaded", error=_reason(exc))
@@ -3696,7 +3720,7 @@ class CheckWatch:
                 self.problem = str(exc)
             else:
                 for check in checks:
-                    if seen.get(check.name) != check.label:
+                    if seen.get(check.name) != check.label and not self.stopping.is_set():
                         seen[check.name] = check.label
                         self.on_change(check)
                 state, failed = checks_state(checks, suites, self.required)
@@ -3743,8 +3767,9 @@ def _log_lines(text: str) -> list[str]:
 
 
 def failures_text(
-    failed: list[Check], api: ChecksAPI, *, pr_url: str, sha: str, redact: Redactor
-) -> str:
+    failed: list[Check], api: ChecksAPI, *, pr_url: str, sha: str, redact: Redactor,
+    stopped: Callable[[], bool] = lambda: False,
+) -> str:  # fmt: skip
     """~/ci-failures.md: each failing check's name, URL and last log lines.
 
     CI output is written by whoever can change the repository's tests: it is
@@ -3757,7 +3782,7 @@ def failures_text(
     ]
     for check in failed:
         text = None
-        if check.job_id:
+        if check.job_id and not stopped():  # a signal: no more downloads
             try:
                 text = api.job_log(check.job_id)
             except ChecksUnreadable as exc:
@@ -3777,13 +3802,17 @@ def failures_text(
     return redact(clean)
 
 
-def resume_command(cfg: Config, session_id: str, prompt: str, turns: int, budget: float) -> list:
-    """The CLI's command line for resuming the task's session, within what is left."""
-    cmd = [
-        cfg.claude_bin, "--resume", session_id, "-p", prompt, "--dangerously-skip-permissions",
-        "--output-format", "stream-json", "--verbose",
-        "--max-turns", str(turns), "--max-budget-usd", f"{budget:.2f}",
-    ]  # fmt: skip
+def cli_command(
+    cfg: Config, prompt: str, *, turns: int, budget: float, resume: str = ""
+) -> list[str]:
+    """The Claude Code CLI's command line: headless, streaming, within `turns` and `budget`.
+
+    With `resume` (a session id) the session goes on: the CLI's budget is per
+    run, so `budget` is what is left of the task's.
+    """
+    cmd = [cfg.claude_bin, *(["--resume", resume] if resume else []), "-p", prompt,
+           "--dangerously-skip-permissions", "--output-format", "stream-json", "--verbose",
+           "--max-turns", str(turns), "--max-budget-usd", f"{budget:.2f}"]  # fmt: skip
     if cfg.model:
         cmd += ["--model", cfg.model]
     return cmd
@@ -3798,8 +3827,10 @@ def add_metrics(before: Mapping[str, Any], run: Mapping[str, Any]) -> dict[str, 
                   for k in USAGE_KEYS},
         "session_id": before.get("session_id") or run.get("session_id", ""),
     }  # fmt: skip
+    # A resumed run's total_cost_usd is the session's, its turns and usage its
+    # own (CLI 2.1.332, tests/CLI_FINDINGS.md); a run without a result keeps the cost.
     if "cost_usd" in before or "cost_usd" in run:
-        total["cost_usd"] = round(before.get("cost_usd", 0.0) + run.get("cost_usd", 0.0), 6)
+        total["cost_usd"] = max(before.get("cost_usd", 0.0), run.get("cost_usd", 0.0))
     return total
 
 
@@ -3820,16 +3851,27 @@ class ChecksGate:
     """
 
     def __init__(
-        self, cfg: Config, state: TaskState, api: ChecksAPI, *, pull_url: str, home: str,
-        stop: Stop, head: Callable[[], str],
+        self, cfg: Config, state: TaskState, api: ChecksAPI, outcome: Outcome, *, home: str,
+        stop: Stop, head: Callable[[str], str],
         fix: Callable[[list[str], Limits], tuple[AgentRun | None, Outcome]],
         spent: Callable[[], Mapping[str, Any]], emit: Callable[..., None],
-        redact: Redactor, no_ci_after: float = NO_CI_WINDOW,
+        redact: Redactor, local_of: Callable[[str], str] = lambda sha: sha,
+        no_ci_after: float = NO_CI_WINDOW,
     ) -> None:  # fmt: skip
-        self.cfg, self.state, self.api, self.pull_url, self.home = cfg, state, api, pull_url, home
+        self.cfg, self.state, self.api, self.home = cfg, state, api, home
         self.stop, self.head, self.fix, self.spent, self.emit = stop, head, fix, spent, emit
-        self.redact, self.no_ci_after = redact, no_ci_after
+        self.redact, self.local_of, self.no_ci_after = redact, local_of, no_ci_after
         self.required: frozenset[str] | None = None
+        self.rounds, self.started = 0, api.clock()
+        self.outcome, self.pull_url, self.branch = outcome, "", state.branch
+        self.follow(outcome)
+
+    def follow(self, outcome: Outcome) -> None:
+        """Watches where `outcome` put the work: a fix round's may be another branch and PR."""
+        if outcome.event == "completed" and outcome.details.get("pr_url"):
+            self.outcome, self.pull_url = outcome, outcome.details["pr_url"]
+            # The pull request's branch: the runner's own when a continued one had moved.
+            self.branch = outcome.details.get("branch") or self.state.branch
 
     def _limits(self) -> list[tuple[float, str]]:
         """(time.monotonic(), why) of the task's deadline and the token's margin."""
@@ -3843,28 +3885,30 @@ class ChecksGate:
                            f"the GitHub token's margin (it expires at {when})"))  # fmt: skip
         return [(clock() + epoch - now(), why) for epoch, why in limits]
 
-    def run(self, outcome: Outcome) -> Outcome:
-        rounds, allowed, note = 0, self.cfg.ci_fix_rounds, ""
+    def run(self) -> Outcome:
+        allowed, note = self.cfg.ci_fix_rounds, ""
         if self.api.now() < self.api.until:
             self.required = self.api.required(self.state.base_ref)
         while True:
             result = self._watch()
-            if result.state != "failure" or rounds >= allowed or (note := self._no_round()):
+            if result.state != "failure" or self.rounds >= allowed or (note := self._no_round()):
                 break
-            rounds += 1
-            trouble = self._fix_round(result, rounds, allowed)
-            if self.stop.signum is not None:  # its commits were pushed once more, not watched
-                result = ChecksResult("pending", "", note=self.stop.reason)
-                break
-            if min(self._limits(), default=(math.inf, ""))[0] <= self.api.clock():
-                note = trouble  # no call to GitHub now: the token is at its margin
+            self.rounds += 1
+            trouble = self._fix_round(result, self.rounds, allowed)
+            end, why = min(self._limits(), default=(math.inf, ""))
+            if self.stop.signum is not None or end <= self.api.clock():
+                # Its commits were pushed (once more after a signal) but not watched; at
+                # the token's margin no call to GitHub may be made.
+                late = trouble or f"the wait ended at {why}"
+                waited = self.api.clock() - self.started
+                result = ChecksResult("pending", "", waited=waited, note=self.stop.reason or late)
                 break
             if self._remote_head() == result.sha:
                 note = trouble or "the fix round made no new commit"
                 break
             if trouble:  # its commits are pushed: watched, but no round after it
-                note, allowed = f"the fix round ended early: {trouble}", rounds
-        return self._report(outcome, result, rounds, note)
+                note, allowed = f"the fix round ended early: {trouble}", self.rounds
+        return self._report(result, note)
 
     def _no_round(self) -> str:
         """Why no fix round may start now ('' when one may)."""
@@ -3884,8 +3928,10 @@ class ChecksGate:
         return ""
 
     def _remote_head(self) -> str:
+        if self.stop.signum is not None:
+            return ""
         try:
-            return self.head()
+            return self.head(self.branch)
         except CommandError as exc:
             warn("the pull request's head could not be read", error=str(exc))
             return ""
@@ -3932,11 +3978,14 @@ class ChecksGate:
 
     def _fix_round(self, result: ChecksResult, number: int, allowed: int) -> str:
         """Resumes the session to fix `result`'s failures; why it went wrong, or ''."""
-        failed = [c for c in result.checks if c.failed and c.name in result.failed]
+        latest = {c.name: c for c in result.checks}  # a re-run's name: its latest run counts
+        failed = [latest[n] for n in result.failed if n in latest and latest[n].failed]
         path = os.path.join(self.home, FAILURES_FILE)
+        sha = self.local_of(result.sha)  # with API signing, GitHub's copy is not in the clone
         with step("fix round", round=number, failed=",".join(result.failed)):
-            text = failures_text(failed, self.api, pr_url=self.pull_url, sha=result.sha,
-                                 redact=self.redact)  # fmt: skip
+            text = failures_text(failed, self.api, pr_url=self.pull_url, sha=sha,
+                                 redact=self.redact,
+                                 stopped=lambda: self.stop.signum is not None)  # fmt: skip
             try:
                 with open(path, "w", encoding="utf-8") as f:
                     f.write(text)
@@ -3946,24 +3995,26 @@ class ChecksGate:
             self.emit("thinking", f"Checks failed ({names}): the agent is resumed to fix them "
                       f"(round {number} of {allowed})")  # fmt: skip
             prompt = FIX_PROMPT.format(
-                pr_url=self.pull_url, sha=result.sha, names=names, path=path,
-                branch=self.state.branch, round=number, rounds=allowed,
+                pr_url=self.pull_url, sha=sha, names=names, path=path,
+                branch=self.branch, round=number, rounds=allowed,
             )  # fmt: skip
             spent = self.spent()
             turns = self.cfg.max_turns - spent.get("num_turns", 0)
             budget = math.floor((self.cfg.max_budget_usd - spent.get("cost_usd", 0.0)) * 100) / 100
             end, why = min(self._limits(), default=(math.inf, ""))
             timeout = end - self.api.clock() if end < math.inf else None
-            cmd = resume_command(self.cfg, spent.get("session_id", ""), prompt, turns, budget)
+            cmd = cli_command(self.cfg, prompt, turns=turns, budget=budget,
+                              resume=spent.get("session_id", ""))  # fmt: skip
             agent, outcome = self.fix(cmd, Limits(timeout=timeout, idle=self.cfg.idle_timeout))
+        self.follow(outcome)
         signal = self.stop.signum is not None
         if agent is not None and agent.stopped and not signal and self.api.clock() >= end:
             return f"it was stopped at {why}"
         reason = agent_failure(agent, self.cfg) if agent is not None else ""
         return reason or (outcome.message if outcome.event == "failed" else "")
 
-    def _report(self, outcome: Outcome, result: ChecksResult, rounds: int, note: str) -> Outcome:
-        failed = ", ".join(result.failed)
+    def _report(self, result: ChecksResult, note: str) -> Outcome:
+        failed, rounds, outcome = ", ".join(result.failed), self.rounds, self.outcome
         phrase = {
             "success": "checks passed",
             "failure": f"checks failing: {failed} after {_plural(rounds, 'fix round')}",
@@ -3983,15 +4034,25 @@ class ChecksGate:
         passed = result.state in ("success", "none")
         self.emit("tool_result", phrase, tool="checks",
                   output={"success": passed, "summary": phrase})  # fmt: skip
-        checks = {"state": result.state, "rounds": rounds, "failed": result.failed,
-                  "url": f"{self.pull_url}/checks"}  # fmt: skip
         message = "; ".join(part for part in (outcome.message, note, phrase) if part)
-        return Outcome(outcome.event, message, {**outcome.details, "checks": checks})
+        return self.concluded(message, result.state, result.failed)
+
+    def concluded(self, message: str, state: str, failed: list[str]) -> Outcome:
+        """The outcome the work last came to, with `message` and details.checks."""
+        checks = {"state": state, "rounds": self.rounds, "failed": failed,
+                  "url": f"{self.pull_url}/checks"}  # fmt: skip
+        return Outcome(self.outcome.event, message, {**self.outcome.details, "checks": checks})
+
+
+def local_commit(signing: Signing, sha: str) -> str:
+    """The clone's commit of `sha` on GitHub (its copy, with API signing), as the map says now."""
+    signing.load()  # the Stop hook's process may have made copies since
+    return signing.local_of(sha)
 
 
 def remote_head(git: Git, branch: str) -> str:
     """The sha of `branch` on the remote: what the pull request's checks run on."""
-    out = git("ls-remote", "origin", f"refs/heads/{branch}", timeout=60)
+    out = git("ls-remote", "origin", f"refs/heads/{branch}", timeout=REMOTE_HEAD_TIMEOUT)
     return out.split("\t")[0] if out else ""
 
 
@@ -4828,14 +4889,7 @@ def agent_command(
         context_path=context_path, pull_request=pull_request,
         setup=SETUP_PROMPT.format(failed=failed, context_path=context_path) if failed else "",
     )  # fmt: skip
-    cmd = [
-        cfg.claude_bin, "-p", prompt, "--dangerously-skip-permissions",
-        "--output-format", "stream-json", "--verbose",
-        "--max-turns", str(cfg.max_turns), "--max-budget-usd", f"{cfg.max_budget_usd:.2f}",
-    ]  # fmt: skip
-    if cfg.model:
-        cmd += ["--model", cfg.model]
-    return cmd
+    return cli_command(cfg, prompt, turns=cfg.max_turns, budget=cfg.max_budget_usd)
 
 
 class TaskRun:
@@ -5130,30 +5184,30 @@ class TaskRun:
         if not self.cfg.ci_wait or outcome.event != "completed" or "pr_url" not in outcome.details:
             return outcome
         state = branch.state
-        # The pull request's branch: the runner's own when a continued one had moved.
-        name = outcome.details.get("branch") or state.branch
         api = ChecksAPI(
             parse_repo_url(state.repo_url), token.value, api_url=self.cfg.github_api_url or None,
             until=token.expires_at - TOKEN_MARGIN,
         )  # fmt: skip
         gate = ChecksGate(
-            self.cfg, state, api, pull_url=outcome.details["pr_url"], home=self.ctx.home,
-            stop=self.ctx.stop, head=lambda: remote_head(branch.git, name),
+            self.cfg, state, api, outcome, home=self.ctx.home, stop=self.ctx.stop,
+            head=lambda name: remote_head(branch.git, name),
             fix=lambda cmd, limits: self._fix_round(
                 cmd, limits, env=env, branch=branch, github=github, token=token
             ),
             spent=lambda: self.details, emit=self._emit, redact=self.ctx.redact,
+            local_of=lambda sha: local_commit(branch.signing, sha),
         )  # fmt: skip
         try:
-            return gate.run(outcome)
+            return gate.run()
         except Exception as exc:  # a bug of ours: the pull request still exists
             message = f"internal error in shepherd-runner: {type(exc).__name__}: {exc}"
             error("the wait for the checks failed", error=message)
-            return Outcome("completed", f"{outcome.message}; the checks were not watched: "
-                           f"{message}", outcome.details)  # fmt: skip
+            said = f"{gate.outcome.message}; the checks were not watched: {message}"
+            return gate.concluded(said, "unreadable", [])
 
     def _emit(self, kind: str, summary: str, **fields: Any) -> None:
-        self._events().put(self.parser.event(kind, summary, **fields))
+        with self.parser.lock:  # the checks thread emits too: events go out in sequence
+            self._events().put(self.parser.event(kind, summary, **fields))
 
     def _fix_round(
         self, cmd: list[str], limits: Limits, *, env: dict[str, str], branch: Branch,
