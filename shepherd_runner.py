@@ -1664,9 +1664,17 @@ class Supervisor:
         self.last_line = time.monotonic()
 
     def saw_result(self) -> None:
-        if not self.result_at:
-            self.result_at = time.monotonic()
-            self._wake.set()
+        self.result_at = time.monotonic()
+        self._wake.set()
+
+    def woke(self) -> None:
+        """The model answers again after a result: the exit grace waits for the next one.
+
+        Since 2.1.332 a background command that ends after the answer wakes the
+        model for another turn and another `result` (tests/CLI_FINDINGS.md): a
+        grace counted from the first would cut that turn off.
+        """
+        self.result_at = 0.0
 
     def wait(self) -> int:
         """The exit code, once the process and everything it started are gone."""
@@ -1785,10 +1793,13 @@ def run_agent(
             skipped += 1
             sender.put(parser.event("error", f"agent output line over {max_line} bytes skipped"))
             continue
+        metrics, turns = parser.metrics, parser.turns
         for event in parser.feed(line):
             sender.put(event)
-        if parser.metrics is not None:
+        if parser.metrics is not metrics:
             watch.saw_result()
+        elif metrics is not None and parser.turns != turns:
+            watch.woke()
     result.exit_code = watch.wait()
     result.duration_ms = int(watch.seconds * 1000)
     result.stopped, result.hung, result.stderr = watch.stopped, watch.hung, watch.stderr

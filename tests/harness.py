@@ -112,3 +112,24 @@ def runner_env(tmp_path, *, claude_bin: str, github=None, **extra: str) -> dict[
         env["SHEPHERD_GITHUB_API_URL"] = github.api_url
     env.update(extra)
     return env
+
+
+def processes(cmdline: bytes, home: str | None = None) -> list[int]:
+    """Live processes running exactly `cmdline` (its arguments NUL-separated) for this test.
+
+    Only those whose HOME is the test's own (the runner hands it to git, the
+    agent and setup): a suite running beside this one has the same commands.
+    """
+    want = b"HOME=" + os.fsencode(home or os.environ["HOME"])
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if f.read() != cmdline:
+                    continue
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if want in f.read().split(b"\0"):
+                    found.append(int(entry))
+        except OSError:  # gone, or not ours to read
+            continue
+    return found

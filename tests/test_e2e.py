@@ -8,8 +8,6 @@ tests/fake_model.py; the Shepherd API and GitHub are the loopback fakes.
 from __future__ import annotations
 
 import json
-import os
-import pathlib
 import secrets
 import signal
 import time
@@ -17,7 +15,7 @@ import time
 import pytest
 
 from fake_model import FakeModel
-from harness import Runner, runner_env
+from harness import Runner, processes, runner_env
 
 pytestmark = pytest.mark.e2e
 TASK = "e2e-task"
@@ -252,22 +250,11 @@ def test_github_refusing_the_pr_fails_with_its_reason(e2e, api, github, code):
     assert github.pulls == []
 
 
-def _processes(cmdline: bytes) -> list[int]:
-    found = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if pathlib.Path(f"/proc/{entry}/cmdline").read_bytes() == cmdline:
-                found.append(int(entry))
-        except OSError:
-            continue
-    return found
-
-
 def test_sigterm_stops_the_cli_and_its_commands_within_10s(e2e, api):
     marker = b"sleep\x00613\x00"
     runner = e2e.run([long_command(613), end("Slept.")])
     deadline = time.monotonic() + 60
-    while not _processes(marker):  # the agent's command is up: the CLI is mid-tool
+    while not processes(marker):  # the agent's command is up: the CLI is mid-tool
         assert time.monotonic() < deadline and runner.proc.poll() is None, runner.output
         time.sleep(0.05)
     start = time.monotonic()
@@ -278,5 +265,5 @@ def test_sigterm_stops_the_cli_and_its_commands_within_10s(e2e, api):
     assert terminal["event"] == "failed"
     assert terminal["message"].startswith("terminated (SIGTERM)")
     assert elapsed < 10, elapsed
-    assert _processes(marker) == []
+    assert processes(marker) == []
     print(f"SIGTERM to exit: {elapsed:.2f}s")

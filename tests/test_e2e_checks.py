@@ -9,10 +9,7 @@ next steps.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import pathlib
 import secrets
 import signal
 import sys
@@ -23,7 +20,7 @@ import pytest
 
 import shepherd_runner as sr
 from fake_model import FakeModel
-from harness import Runner, runner_env
+from harness import Runner, processes, runner_env
 
 pytestmark = pytest.mark.e2e
 TASK = "ci-task"
@@ -250,7 +247,7 @@ def test_sigterm_in_a_fix_round_pushes_its_commit_once_more_and_reports_pending(
     runner = ci.run([*BREAK, *fix])
     runner.wait_for(r"INFO fix round started", timeout=120)
     deadline = time.monotonic() + 60
-    while not any(b"sleep\x00619" in p for p in _cmdlines()):
+    while not processes(b"sleep\x00619\x00"):
         assert time.monotonic() < deadline, runner.output
         time.sleep(0.05)
     signalled = time.monotonic()
@@ -266,12 +263,4 @@ def test_sigterm_in_a_fix_round_pushes_its_commit_once_more_and_reports_pending(
     assert terminal["message"].startswith(f"pull request {pull['html_url']}; terminated (SIGTERM)")
     # The fix the agent committed before the signal is on the pull request's branch.
     assert github.log("acme", "widgets", BRANCH)[0] == "Say hello again"
-    assert not any(b"sleep\x00619" in p for p in _cmdlines())
-
-
-def _cmdlines():
-    found = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        with contextlib.suppress(OSError):
-            found.append(pathlib.Path(f"/proc/{entry}/cmdline").read_bytes())
-    return found
+    assert processes(b"sleep\x00619\x00") == []

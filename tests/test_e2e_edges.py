@@ -18,12 +18,13 @@ from test_e2e import (  # noqa: F401
     CHANGE,
     COMMIT,
     TASK,
-    _processes,
     bash,
     e2e,
     end,
     long_command,
 )
+
+from harness import processes
 
 pytestmark = pytest.mark.e2e
 
@@ -58,7 +59,7 @@ def test_commit_reaches_the_remote_within_10s_while_the_agent_works_and_sigterm_
     delay = time.monotonic() - seen_at
     print(f"commit -> remote: {delay:.2f}s")
     # The agent is still at work: the backup did not wait for it to finish.
-    wait_until(lambda: _processes(marker), 30, "the agent's long command")
+    wait_until(lambda: processes(marker), 30, "the agent's long command")
     assert runner.proc.poll() is None
     runner.wait_for(r"INFO branch backed up branch=shepherd/e2e-task sha=" + committed[:7])
 
@@ -79,13 +80,13 @@ def test_commit_reaches_the_remote_within_10s_while_the_agent_works_and_sigterm_
     assert details["usage"]["input_tokens"] >= 40, details["usage"]
     assert details["duration_ms"] > 0
     assert details["events_sent"] == len(api.events(TASK))
-    assert _processes(marker) == []
+    assert processes(marker) == []
 
 
 def test_sigterm_right_after_a_commit_pushes_it_before_reporting(e2e, api, github, tmp_path):
     marker = b"sleep\x00615\x00"
     runner = e2e.run([*CHANGE, bash("git commit -qam 'Quick one' && sleep 615"), end("Slept.")])
-    wait_until(lambda: _processes(marker), 60, "the agent's long command")
+    wait_until(lambda: processes(marker), 60, "the agent's long command")
     runner.proc.send_signal(signal.SIGTERM)  # the backup may not have run yet
     assert runner.wait(timeout=30) == 0
     terminal = api.terminal(TASK)
@@ -110,7 +111,7 @@ def test_agent_silent_past_the_idle_timeout_is_stopped_and_its_commit_kept(
     [pull] = github.pulls
     assert pull["draft"] is True and terminal["details"]["pr_url"] == pull["html_url"]
     assert github.log("acme", "widgets", BRANCH)[0] == "Update greeting"
-    assert _processes(marker) == []
+    assert processes(marker) == []
 
 
 def test_cli_that_does_not_exit_after_its_result_is_stopped_and_the_task_completes(
@@ -133,7 +134,7 @@ def test_cli_that_does_not_exit_after_its_result_is_stopped_and_the_task_complet
     [pull] = github.pulls
     assert terminal["details"]["pr_url"] == pull["html_url"]
     assert "printed its result but did not exit" in runner.output
-    assert _processes(b"sleep\x00617\x00") == []
+    assert processes(b"sleep\x00617\x00") == []
 
 
 def test_background_command_running_after_the_answer_is_stopped_and_the_task_completes(
@@ -147,7 +148,7 @@ def test_background_command_running_after_the_answer_is_stopped_and_the_task_com
     runner = e2e.run([background, *CHANGE, COMMIT, end("Done; the check runs on.")])
     runner.wait_for(r"stop hook decided", timeout=120)
     decided = time.monotonic()
-    assert _processes(marker), "the background command is running after the answer"
+    assert processes(marker), "the background command is running after the answer"
     assert runner.wait(timeout=90) == 0
     took = time.monotonic() - decided
     print(f"result -> exit with a background command: {took:.1f}s")
@@ -158,7 +159,7 @@ def test_background_command_running_after_the_answer_is_stopped_and_the_task_com
     [pull] = github.pulls
     assert terminal["details"]["pr_url"] == pull["html_url"]
     assert "printed its result but did not exit" in runner.output
-    assert _processes(marker) == []
+    assert processes(marker) == []
 
 
 def test_background_command_ending_after_the_answer_wakes_the_agent_and_both_turns_count(
@@ -189,7 +190,7 @@ def test_background_command_ending_after_the_answer_wakes_the_agent_and_both_tur
 def _no_stray_sleepers():
     yield
     for seconds in range(614, 619):
-        for pid in _processes(b"sleep\x00%d\x00" % seconds):
+        for pid in processes(b"sleep\x00%d\x00" % seconds):
             os.kill(pid, signal.SIGKILL)
 
 

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import pathlib
 import secrets
 import signal
 
 import pytest
 
 from fake_model import FakeModel
-from harness import Runner, runner_env
+from harness import Runner, processes, runner_env
 
 pytestmark = pytest.mark.e2e
 TASK = "setup-task"
@@ -143,17 +141,6 @@ def test_failing_setup_still_runs_the_agent_which_is_told_why(task, api, github,
     assert task.setup_events()[-1]["output"]["success"] is False
 
 
-def _processes(cmdline: bytes) -> list[int]:
-    found = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if pathlib.Path(f"/proc/{entry}/cmdline").read_bytes() == cmdline:
-                found.append(int(entry))
-        except OSError:
-            continue
-    return found
-
-
 def test_hanging_setup_is_stopped_at_its_timeout_and_leaves_no_process(task, api):
     setup = "sleep 611 &\nsetsid sleep 612 &\necho waiting\nsleep 613\n"
     terminal = task.finish(setup, [end("Nothing to do.")], SHEPHERD_SETUP_TIMEOUT="2s")
@@ -161,7 +148,7 @@ def test_hanging_setup_is_stopped_at_its_timeout_and_leaves_no_process(task, api
     assert (details["status"], details["exit_code"]) == ("timeout", None)
     assert 2 <= details["seconds"] < 8, details
     for seconds in (b"611", b"612", b"613"):
-        assert _processes(b"sleep\x00" + seconds + b"\x00") == []
+        assert processes(b"sleep\x00" + seconds + b"\x00") == []
     prompt = json.dumps(task.model.requests[0]["messages"])
     assert "(.shepherd/setup.sh timed out after 2s (SHEPHERD_SETUP_TIMEOUT))" in prompt
     # The agent still ran: its answer is the task's outcome.
@@ -196,7 +183,7 @@ def test_a_task_deadline_reached_in_setup_fails_the_task_before_the_agent(task, 
     )
     assert terminal["details"]["setup"]["status"] == "timeout"
     assert task.model.requests == []
-    assert _processes(b"sleep\x00614\x00") == []
+    assert processes(b"sleep\x00614\x00") == []
 
 
 def test_a_signal_during_setup_ends_the_task_like_anywhere_else(task, api):
@@ -220,4 +207,4 @@ def test_a_signal_during_setup_ends_the_task_like_anywhere_else(task, api):
     assert terminal["message"].startswith("terminated (SIGTERM)"), task.runner.output
     assert terminal["details"]["setup"]["status"] == "failed"
     assert task.model.requests == []
-    assert _processes(b"sleep\x00615\x00") == []
+    assert processes(b"sleep\x00615\x00") == []

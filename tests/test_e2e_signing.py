@@ -13,9 +13,11 @@ import signal
 import subprocess
 
 import pytest
-from test_e2e import BRANCH, CHANGE, COMMIT, TASK, _processes, bash, e2e, end  # noqa: F401
+from test_e2e import BRANCH, CHANGE, COMMIT, TASK, bash, e2e, end  # noqa: F401
 from test_e2e_edges import wait_until
 from test_e2e_prs import FEATURE, open_feature_pull, written_on  # noqa: F401
+
+from harness import processes
 
 pytestmark = pytest.mark.e2e
 SCRIPT_AND_LINK = bash(
@@ -123,7 +125,7 @@ def test_sigterm_after_a_commit_in_auto_mode_leaves_it_on_the_remote_verified(
     github.require_signatures("acme", "widgets")
     marker = b"sleep\x00618\x00"
     runner = e2e.run([*CHANGE, bash("git commit -qam 'Quick one' && sleep 618"), end("Slept.")])
-    wait_until(lambda: _processes(marker), 60, "the agent's long command", runner)
+    wait_until(lambda: processes(marker), 60, "the agent's long command", runner)
     runner.proc.send_signal(signal.SIGTERM)  # the backup may not have run yet
     assert runner.wait(timeout=30) == 0
     terminal = api.terminal(TASK)
@@ -133,7 +135,7 @@ def test_sigterm_after_a_commit_in_auto_mode_leaves_it_on_the_remote_verified(
     [copy] = remote_commits(github, BRANCH)
     assert github.is_verified("acme", "widgets", copy)
     assert github.log("acme", "widgets", BRANCH)[0] == "Quick one"
-    assert _processes(marker) == []
+    assert processes(marker) == []
 
 
 def test_push_refused_by_a_file_path_rule_fails_quoting_it_with_a_bundle(
@@ -164,5 +166,5 @@ def test_push_refused_by_a_file_path_rule_fails_quoting_it_with_a_bundle(
 @pytest.fixture(autouse=True)
 def _no_stray_sleepers():
     yield
-    for pid in _processes(b"sleep\x00618\x00"):
+    for pid in processes(b"sleep\x00618\x00"):
         os.kill(pid, signal.SIGKILL)

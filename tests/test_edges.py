@@ -162,6 +162,19 @@ def test_agent_that_does_not_exit_after_its_result_is_stopped_and_not_a_failure(
     assert sr.agent_failure(run, None) == ""
 
 
+def test_a_turn_after_the_result_gets_the_exit_grace_from_its_own_result(tmp_path):
+    # CLI 2.1.332: a background command ending after the answer wakes the model
+    # again; its second turn ends 2.3 s after the first result, past the grace.
+    turn = assistant("m-2", {"input_tokens": 1}, {"type": "text", "text": "Woke again."})
+    source = (
+        f"import time\nprint({RESULT!r}, flush=True)\ntime.sleep(0.3)\n"
+        f"print({turn!r}, flush=True)\ntime.sleep(2.0)\nprint({RESULT!r}, flush=True)\n"
+    )
+    run = run_script(source, sr.Limits(exit_grace=2.0), tmp_path)
+    assert not run.hung and run.exit_code == 0
+    assert run.metrics.num_turns == 2
+
+
 def test_agent_silent_past_the_idle_timeout_is_stopped_with_the_reason(tmp_path):
     source = "import time\nprint('{}', flush=True)\ntime.sleep(60)\n"
     run = run_script(source, sr.Limits(idle=0.5), tmp_path)
