@@ -135,15 +135,17 @@ COPY --from=portable /opt/shepherd-runner /opt/shepherd-runner
 # copies these into ~/.claude/ when it starts.
 COPY settings.json CLAUDE.md /etc/shepherd/
 
-# What the agent installs goes first: ~/.local/bin (pip install --user) and
-# $GOPATH/bin (go install); both are created under the emptyDir HOME when
-# first used. The runner's venv comes last: `python` is still the venv's (the
-# only `python`; the staged Stop hook runs it by its path), while
-# python3 and pip are Debian's, so what pip installs with --user is importable.
+# ~/.local/bin (pip install --user) and $GOPATH/bin (go install) are on PATH,
+# created under the emptyDir HOME when first used. They come after the system's
+# here, for the runner itself: a `git` the agent drops there must not run the
+# runner's pushes. The runner puts them first for setup and the agent. The
+# venv comes last: `python` is the venv's (the only `python`; the staged Stop
+# hook runs it by its path), python3 and pip are Debian's, so what pip
+# installs with --user is importable.
 # PEP 668: uid 1000 cannot write the system site-packages at all, so letting
 # pip past Debian's EXTERNALLY-MANAGED marker only opens the user site
 # (pip install defaults to --user there).
-ENV PATH=/home/shepherd/.local/bin:/home/shepherd/go/bin:/usr/lib/go-1.23/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/opt/shepherd/venv/bin \
+ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/usr/lib/go-1.23/bin:/home/shepherd/.local/bin:/home/shepherd/go/bin:/opt/shepherd/venv/bin \
     HOME=/home/shepherd \
     GOPATH=/home/shepherd/go \
     PIP_BREAK_SYSTEM_PACKAGES=1 \

@@ -2239,6 +2239,18 @@ def expired_outcome(state: TaskState, git: Git, branch: Branch, details: dict) -
     return Outcome("failed", message, details | {"error": message})
 
 
+def _no_commits(state: TaskState, git: Git, details: dict, last_message: str) -> Outcome:
+    """`failed`: no commits on the task's branch (maybe on another one)."""
+    head = git("rev-parse", "--abbrev-ref", "HEAD")
+    if head != state.branch and commits_ahead(git, state, "HEAD"):
+        message = (
+            f"the agent committed on branch {head}, not {state.branch}; no pull request was opened"
+        )
+        return Outcome("failed", message, details | {"error": message})
+    error_text = last_message.strip() or "the agent made no commits"
+    return Outcome("failed", "no changes made", details | {"error": error_text})
+
+
 def conclude(
     state: TaskState,
     git: Git,
@@ -2270,16 +2282,7 @@ def conclude(
         details["uncommitted"] = dirty[:50]
     ahead = commits_ahead(git, state)
     if ahead == 0:
-        head = git("rev-parse", "--abbrev-ref", "HEAD")
-        if head != state.branch and commits_ahead(git, state, "HEAD"):
-            message = (
-                f"the agent committed on branch {head}, not {state.branch}; "
-                "no pull request was opened"
-            )
-            return Outcome("failed", message, details | {"error": message})
-        error_text = last_message.strip() or "the agent made no commits"
-        return Outcome("failed", "no changes made", details | {"error": error_text})
-
+        return _no_commits(state, git, details, last_message)
     details["commits"] = ahead
     branch = branch or Branch(git, state)
     if state.token_expired(now()):
@@ -4127,6 +4130,45 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+# Every setting of `serve`: (flag, environment variable, default, parser, help).
+# A pod sets the variable; the flag wins (README, Configuration).
+SETTINGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
+    ("--addr", "SHEPHERD_RUNNER_ADDR", DEFAULT_ADDR, parse_addr, "listen address"),
+    ("--work-dir", "SHEPHERD_WORK_DIR", "/workspace", str, "where the repository is cloned"),
+    ("--config-dir", "SHEPHERD_CONFIG_DIR", "/etc/shepherd", str,
+     "holds settings.json and CLAUDE.md, copied into ~/.claude/"),
+    ("--claude-bin", "SHEPHERD_CLAUDE_BIN", "claude", str, "the Claude Code CLI"),
+    ("--max-turns", "SHEPHERD_MAX_TURNS", "50", _positive(int), "agent turn limit"),
+    ("--max-budget-usd", "SHEPHERD_MAX_BUDGET_USD", "10.00", _positive(float),
+     "agent spending limit in USD"),
+    ("--model", "SHEPHERD_MODEL", "", str, "model passed as --model (CLI default if empty)"),
+    ("--task-timeout", "SHEPHERD_TASK_TIMEOUT", "", parse_timeout,
+     "deadline of the repository's setup and the agent: 90, 30s, 25m, 1h (none if empty)"),
+    ("--idle-timeout", "SHEPHERD_IDLE_TIMEOUT", DEFAULT_IDLE_TIMEOUT, parse_limit,
+     "stop the agent after this long without a line of output; 0 for never"),
+    ("--setup-command", "SHEPHERD_SETUP_COMMAND", "", str,
+     "run with bash -c in the clone before the repository's .shepherd/setup.sh"),
+    ("--setup-timeout", "SHEPHERD_SETUP_TIMEOUT", DEFAULT_SETUP_TIMEOUT, parse_limit,
+     "limit for the setup command and .shepherd/setup.sh together; 0 for none"),
+    ("--allowed-api-urls", "SHEPHERD_ALLOWED_API_URLS", "", parse_url_list,
+     "comma-separated apiURLs an assignment may name (any if empty)"),
+    ("--clone-filter", "SHEPHERD_CLONE_FILTER", "blob:none", parse_filter,
+     "partial-clone filter; 'none' for a full clone"),
+    ("--github-api-url", "SHEPHERD_GITHUB_API_URL", "", str,
+     "GitHub REST API base (derived from the repository host if empty)"),
+    ("--pr-draft", "SHEPHERD_PR_DRAFT", "false", parse_bool, "open pull requests as drafts"),
+    ("--log-format", "SHEPHERD_LOG_FORMAT", "text", parse_log_format,
+     "log lines as text or json (one object per line)"),
+    ("--commit-signing", "SHEPHERD_COMMIT_SIGNING", "auto", parse_signing,
+     "auto: git push, and commits made through the GitHub API (signed by GitHub) once a "
+     "push is refused for unsigned commits; api: always through the API; off: never"),
+    ("--ci-wait", "SHEPHERD_CI_WAIT", "0", parse_limit,
+     "wait this long for the pull request's checks: 90, 30s, 20m; 0 for not at all"),
+    ("--ci-fix-rounds", "SHEPHERD_CI_FIX_ROUNDS", "2", parse_count,
+     "times the agent is resumed to fix failing checks"),
+)  # fmt: skip
+
+
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser = _Parser(
         prog="shepherd-runner",
@@ -4143,74 +4185,12 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "`shepherd-runner hook` is the Claude Code Stop hook (JSON on stdin).",
     )
     sub.add_parser("hook", help="the Claude Code Stop hook (reads the hook JSON on stdin)")
-
-    def setting(flag: str, env: str, default: str, kind: Callable[[str], Any], text: str) -> None:
-        value = environ.get(env, default)
+    for flag, env, default, kind, text in SETTINGS:
         serve.envs = {**serve.envs, flag: env}
         serve.add_argument(
-            flag, default=value, type=kind, metavar=env,
+            flag, default=environ.get(env, default), type=kind, metavar=env,
             help=f"{text} (env {env}, default {default!r})",
         )  # fmt: skip
-
-    setting("--addr", "SHEPHERD_RUNNER_ADDR", DEFAULT_ADDR, parse_addr, "listen address")
-    setting("--work-dir", "SHEPHERD_WORK_DIR", "/workspace", str, "where the repository is cloned")
-    setting(
-        "--config-dir", "SHEPHERD_CONFIG_DIR", "/etc/shepherd", str,
-        "holds settings.json and CLAUDE.md, copied into ~/.claude/",
-    )  # fmt: skip
-    setting("--claude-bin", "SHEPHERD_CLAUDE_BIN", "claude", str, "the Claude Code CLI")
-    setting("--max-turns", "SHEPHERD_MAX_TURNS", "50", _positive(int), "agent turn limit")
-    setting(
-        "--max-budget-usd", "SHEPHERD_MAX_BUDGET_USD", "10.00", _positive(float),
-        "agent spending limit in USD",
-    )  # fmt: skip
-    setting("--model", "SHEPHERD_MODEL", "", str, "model passed as --model (CLI default if empty)")
-    setting(
-        "--task-timeout", "SHEPHERD_TASK_TIMEOUT", "", parse_timeout,
-        "deadline of the repository's setup and the agent: 90, 30s, 25m, 1h (none if empty)",
-    )  # fmt: skip
-    setting(
-        "--idle-timeout", "SHEPHERD_IDLE_TIMEOUT", DEFAULT_IDLE_TIMEOUT, parse_limit,
-        "stop the agent after this long without a line of output; 0 for never",
-    )  # fmt: skip
-    setting(
-        "--setup-command", "SHEPHERD_SETUP_COMMAND", "", str,
-        "run with bash -c in the clone before the repository's .shepherd/setup.sh",
-    )  # fmt: skip
-    setting(
-        "--setup-timeout", "SHEPHERD_SETUP_TIMEOUT", DEFAULT_SETUP_TIMEOUT, parse_limit,
-        "limit for the setup command and .shepherd/setup.sh together; 0 for none",
-    )  # fmt: skip
-    setting(
-        "--allowed-api-urls", "SHEPHERD_ALLOWED_API_URLS", "", parse_url_list,
-        "comma-separated apiURLs an assignment may name (any if empty)",
-    )  # fmt: skip
-    setting(
-        "--clone-filter", "SHEPHERD_CLONE_FILTER", "blob:none", parse_filter,
-        "partial-clone filter; 'none' for a full clone",
-    )  # fmt: skip
-    setting(
-        "--github-api-url", "SHEPHERD_GITHUB_API_URL", "", str,
-        "GitHub REST API base (derived from the repository host if empty)",
-    )  # fmt: skip
-    setting("--pr-draft", "SHEPHERD_PR_DRAFT", "false", parse_bool, "open pull requests as drafts")
-    setting(
-        "--log-format", "SHEPHERD_LOG_FORMAT", "text", parse_log_format,
-        "log lines as text or json (one object per line)",
-    )  # fmt: skip
-    setting(
-        "--commit-signing", "SHEPHERD_COMMIT_SIGNING", "auto", parse_signing,
-        "auto: git push, and commits made through the GitHub API (signed by GitHub) once a "
-        "push is refused for unsigned commits; api: always through the API; off: never",
-    )  # fmt: skip
-    setting(
-        "--ci-wait", "SHEPHERD_CI_WAIT", "0", parse_limit,
-        "wait this long for the pull request's checks: 90, 30s, 20m; 0 for not at all",
-    )  # fmt: skip
-    setting(
-        "--ci-fix-rounds", "SHEPHERD_CI_FIX_ROUNDS", "2", parse_count,
-        "times the agent is resumed to fix failing checks",
-    )  # fmt: skip
     return parser
 
 
@@ -5200,9 +5180,7 @@ class TaskRun:
                 return Outcome("failed", reason, {"error": reason})
             return self._last_push(reason, state, branch, ahead)
 
-    def _decide(
-        self, agent: AgentRun, state: TaskState, github: GitHub, branch: Branch
-    ) -> Outcome:
+    def _decide(self, agent: AgentRun, state: TaskState, github: GitHub, branch: Branch) -> Outcome:
         reason = agent_failure(agent, self.cfg)
         if reason:
             return self._partial(reason, agent, state, github, branch)
