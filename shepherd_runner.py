@@ -1676,6 +1676,10 @@ class Supervisor:
         """
         self.result_at = 0.0
 
+    def done(self) -> bool:
+        """The process has exited or was stopped, and its marked processes are gone."""
+        return not any(thread.is_alive() for thread in self._threads)
+
     def wait(self) -> int:
         """The exit code, once the process and everything it started are gone."""
         code = self.proc.wait()
@@ -2961,11 +2965,20 @@ SETUP_EVENTS_MAX = 100
 SETUP_LINE_CHARS = 1000  # a longer line is cut
 SETUP_TAIL_LINES = 50  # the last lines the agent gets when setup failed
 SETUP_ENV_BYTES = 1 << 20
+SETUP_DRAIN = 2.0  # seconds the output is read after the command and its processes are gone
+SETUP_POLL = 0.25  # how often the output's reader looks whether they are gone
 # What $SHEPHERD_ENV may not set: the runner's own wiring (its state, the
-# Stop hook, git's credentials) and the operator's model endpoint and key.
+# Stop hook, git's credentials) and the operator's model endpoint and key;
+# what points git at another repository, index or object store (the runner's
+# commits and pushes would read it); and the programs git or ssh ask for a
+# password (they would be handed the token's prompt). PATH stays allowed.
 SETUP_ENV_RESERVED = frozenset(
     {"HOME", "TMPDIR", "GH_TOKEN", "GIT_TERMINAL_PROMPT", "GIT_ALLOW_PROTOCOL", "CI",
-     "DISABLE_AUTOUPDATER"}
+     "DISABLE_AUTOUPDATER", "GIT_CONFIG", "GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE",
+     "GIT_OBJECT_DIRECTORY", "GIT_ALTERNATE_OBJECT_DIRECTORIES", "GIT_COMMON_DIR",
+     "GIT_NAMESPACE", "GIT_CEILING_DIRECTORIES", "GIT_DISCOVERY_ACROSS_FILESYSTEM",
+     "GIT_EXEC_PATH", "GIT_ASKPASS", "SSH_ASKPASS", "GIT_SSH", "GIT_SSH_COMMAND",
+     "GIT_PROXY_COMMAND", "GIT_TRACE_REDACT"}
 )  # fmt: skip
 SETUP_ENV_RESERVED_PREFIXES = ("SHEPHERD_", "GIT_CONFIG_", "ANTHROPIC_")
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -2998,7 +3011,9 @@ def setup_steps(repo_dir: str, command: str) -> list[SetupStep]:
     """
     steps = []
     if command:
-        steps.append(SetupStep("SHEPHERD_SETUP_COMMAND", command, ["bash", "-c", command]))
+        # Events and logs show the setting's name: its text may carry a secret inline.
+        name = "SHEPHERD_SETUP_COMMAND"
+        steps.append(SetupStep(name, name, ["bash", "-c", command]))
     path = os.path.join(repo_dir, SETUP_SCRIPT)
     try:
         mode = os.stat(path).st_mode
@@ -3197,19 +3212,36 @@ def run_setup_command(
         return (127 if isinstance(exc, FileNotFoundError) else 126), ""
     marker = f"SHEPHERD_RUN_ID={env['SHEPHERD_RUN_ID']}".encode()
     watch = Supervisor(proc, marker, stop=stop, limits=limits, grace=grace, what="setup")
-    fd = proc.stdout.fileno()  # type: ignore[union-attr]
-    os.set_blocking(fd, False)  # lines not ended yet are sent after a while too
-    with selectors.DefaultSelector() as selector:
-        selector.register(fd, selectors.EVENT_READ)
-        while True:
-            due = output.due()
-            selector.select(None if due is None else max(due - time.monotonic(), 0))
-            if not _read_into(fd, output):
-                break
-            output.tick()
+    _pump(proc.stdout.fileno(), output, watch)  # type: ignore[union-attr]
     proc.stdout.close()  # type: ignore[union-attr]
     code = watch.wait()
     return (None, watch.stopped) if watch.stopped else (code, "")
+
+
+def _pump(fd: int, output: SetupOutput, watch: Supervisor, drain: float = SETUP_DRAIN) -> None:
+    """Feeds `output` from `fd` until its end, or `drain` seconds after the watch is done.
+
+    A process that escaped the marker (`env -i sleep 600 &`) can hold the pipe
+    open past the command's exit, its timeout and a signal: once the command
+    and its marked processes are gone, what is buffered is read, no more.
+    """
+    os.set_blocking(fd, False)  # lines not ended yet are sent after a while too
+    ends = None
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        while True:
+            now = time.monotonic()
+            if ends is None and watch.done():
+                ends = now + drain
+            elif ends is not None and now >= ends:
+                warn("setup output still open after the command ended; no longer read",
+                     seconds=drain, hint="a process it started cleared its environment")  # fmt: skip
+                return
+            times = [t for t in (output.due(), ends) if t is not None]
+            selector.select(min([*times, now + SETUP_POLL]) - now)
+            if not _read_into(fd, output):
+                return
+            output.tick()
 
 
 def run_setup(

@@ -119,6 +119,17 @@ def test_the_operators_command_runs_with_bash_before_the_repositorys_script(setu
     assert setup.output_text() == "from the operator\nfrom the script"
 
 
+def test_the_operators_command_shows_as_its_setting_name_never_its_text(setup, log):
+    setup.script("echo from the script\n")
+    assert setup.run("NPM_TOKEN=inline-secret-1234 true").status == "ok"
+    calls = [e for e in setup.events if e["type"] == "tool_call"]
+    assert [(e["summary"], e["input"]) for e in calls] == [
+        ("SHEPHERD_SETUP_COMMAND", {"command": "SHEPHERD_SETUP_COMMAND"}),
+        (sr.SETUP_SCRIPT, {"command": sr.SETUP_SCRIPT}),
+    ]
+    assert "inline-secret" not in json.dumps(setup.events) + log.getvalue()
+
+
 def test_a_script_that_is_not_executable_is_skipped_with_a_hint(setup, log):
     setup.script("echo never\n", mode=0o644)
     assert sr.setup_steps(str(setup.repo), "") == []
@@ -261,6 +272,20 @@ def test_a_process_left_holding_the_output_does_not_hold_the_runner(setup):
     assert setup.left_running() == []
 
 
+def test_a_process_that_cleared_its_environment_holds_the_output_only_briefly(setup, log):
+    # `env -i` drops SHEPHERD_RUN_ID: the runner cannot find the child to stop it.
+    setup.script("env -i sleep 30 &\necho $! > escaped.pid\necho finished\n")
+    start = time.monotonic()
+    try:
+        result = setup.run()
+        assert (result.status, result.exit_code) == ("ok", 0)
+        assert time.monotonic() - start < sr.SETUP_DRAIN + 2
+    finally:
+        os.kill(int((setup.repo / "escaped.pid").read_text()), signal.SIGKILL)
+    assert setup.output_text() == "finished"
+    assert "setup output still open after the command ended; no longer read" in log.getvalue()
+
+
 def test_a_signal_during_setup_stops_it_at_once(setup):
     setup.script("echo ready\nsleep 600\n")
     setup.on_event = lambda e: e["summary"] == "ready" and setup.stop.trigger(signal.SIGTERM)
@@ -339,7 +364,9 @@ def test_env_file_lines_follow_github_env(tmp_path, log):
     "name",
     ["SHEPHERD_API_URL", "SHEPHERD_RUN_ID", "GH_TOKEN", "GIT_CONFIG_COUNT", "GIT_CONFIG_KEY_0",
      "GIT_CONFIG_GLOBAL", "HOME", "TMPDIR", "ANTHROPIC_BASE_URL", "ANTHROPIC_API_KEY", "CI",
-     "GIT_TERMINAL_PROMPT", "GIT_ALLOW_PROTOCOL", "DISABLE_AUTOUPDATER"],
+     "GIT_TERMINAL_PROMPT", "GIT_ALLOW_PROTOCOL", "DISABLE_AUTOUPDATER", "GIT_DIR",
+     "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_OBJECT_DIRECTORY", "GIT_ALTERNATE_OBJECT_DIRECTORIES",
+     "GIT_CEILING_DIRECTORIES", "GIT_ASKPASS", "SSH_ASKPASS", "GIT_SSH_COMMAND", "GIT_CONFIG"],
 )  # fmt: skip
 def test_names_the_runner_sets_are_refused_with_the_name_never_the_value(tmp_path, log, name):
     path = tmp_path / "env"
