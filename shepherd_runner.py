@@ -3234,8 +3234,9 @@ def _pump(fd: int, output: SetupOutput, watch: Supervisor, drain: float = SETUP_
             if ends is None and watch.done():
                 ends = now + drain
             elif ends is not None and now >= ends:
+                hint = "a process it started cleared its environment"
                 warn("setup output still open after the command ended; no longer read",
-                     seconds=drain, hint="a process it started cleared its environment")  # fmt: skip
+                     seconds=drain, hint=hint)  # fmt: skip
                 return
             times = [t for t in (output.due(), ends) if t is not None]
             selector.select(min([*times, now + SETUP_POLL]) - now)
