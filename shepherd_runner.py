@@ -1887,6 +1887,8 @@ class TaskState:
     pull_number: int = 0
     pull_note: str = ""  # why the work is not on that pull request; "": it is
     commit_signing: str = "auto"  # SHEPHERD_COMMIT_SIGNING: auto | api | off
+    # Tracked files the repository's setup changed: path -> blob id of what it left.
+    setup_files: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def save(self, path: str) -> None:
         _write_json(path, dataclasses.asdict(self))
@@ -2260,7 +2262,7 @@ def conclude(
     Idempotent: run by the hook and again by the runner, it opens one PR. A
     failure GitHub or the network may not repeat is `transient`.
     """
-    dirty = [line[3:] for line in git("status", "--porcelain").splitlines() if line]
+    dirty = uncommitted(git, state)
     if dirty and may_block:
         files = ", ".join(dirty[:10]) + (" …" if len(dirty) > 10 else "")
         return Outcome(
@@ -3313,6 +3315,95 @@ SETUP_PROMPT = """
 The repository's setup failed ({failed}), so what it installs may be missing: its \
 last lines of output are at the end of {context_path}.
 """
+
+
+# ---------------------------------------------------------------------------
+# what the repository's setup left in the clone: not the agent's work
+# ---------------------------------------------------------------------------
+
+EXCLUDE_BEGIN = "# shepherd-runner: left by the repository's setup (begin)"
+EXCLUDE_END = "# shepherd-runner: left by the repository's setup (end)"
+
+
+def status_paths(git: Git) -> list[tuple[str, str]]:
+    """(XY, path) of each `git status --porcelain` entry, paths unquoted (-z)."""
+    fields, entries = git("status", "--porcelain", "-z").split("\0"), []
+    rest = iter(fields)
+    for field in rest:
+        if field:
+            entries.append((field[:2], field[3:]))
+            if "R" in field[:2] or "C" in field[:2]:
+                next(rest, None)  # a rename's or copy's source path
+    return entries
+
+
+def hash_files(git: Git, paths: list[str]) -> dict[str, str]:
+    """Each path's working file as a blob id; "" when it is gone. Others are left out."""
+    hashes = {p: "" for p in paths if not os.path.lexists(os.path.join(git.cwd, p))}
+    files = [p for p in paths if "\n" not in p and os.path.isfile(os.path.join(git.cwd, p))]
+    if files:
+        cmd = ["git", "hash-object", "--stdin-paths"]
+        code, out, err = run(cmd, cwd=git.cwd, env=git.env, input="\n".join(files) + "\n")
+        if code != 0:
+            raise CommandError(cmd, code, out, err, git.redact)
+        hashes.update(zip(files, out.split(), strict=False))
+    return hashes
+
+
+def _exclude_pattern(path: str) -> str:
+    # Anchored at the root; git's glob characters and a trailing space escaped.
+    escaped = re.sub(r"([\\*?\[])", r"\\\1", path)
+    stripped = escaped.rstrip(" ")
+    return "/" + stripped + "\\ " * (len(escaped) - len(stripped))
+
+
+def exclude_paths(git: Git, paths: list[str]) -> None:
+    """Adds `paths` to the runner's block of .git/info/exclude."""
+    path = os.path.join(git.cwd, git("rev-parse", "--git-path", "info/exclude"))
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            text = f.read()
+    except FileNotFoundError:
+        text = ""
+    block_re = f"(?ms)^{re.escape(EXCLUDE_BEGIN)}\n(.*?)^{re.escape(EXCLUDE_END)}\n"
+    # What an earlier setup of this clone left stays excluded: git no longer lists it.
+    kept = [line for m in re.finditer(block_re, text) for line in m[1].splitlines()]
+    new = [_exclude_pattern(p) for p in paths if "\n" not in p]
+    text = re.sub(block_re, "", text)
+    block = [EXCLUDE_BEGIN, *dict.fromkeys(kept + new), EXCLUDE_END]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8", errors="surrogateescape") as f:
+        f.write(text + ("\n" if text and not text.endswith("\n") else "") + "\n".join(block) + "\n")
+
+
+def keep_setup_leftovers(git: Git, state: TaskState) -> None:
+    """Takes what setup left out of what the agent leaves uncommitted.
+
+    Untracked paths (`node_modules/`, `.venv/`) go to .git/info/exclude;
+    tracked files it changed (a rewritten lockfile) are recorded with their
+    content in `state.setup_files`, so that they count as the agent's only
+    once the agent changes them again. Commits it made move the base.
+    """
+    entries = status_paths(git)
+    untracked = [p for code, p in entries if code == "??"]
+    if untracked:
+        exclude_paths(git, untracked)
+        info("setup's untracked paths excluded", paths=untracked[:20], count=len(untracked))
+    state.setup_files = hash_files(git, [p for code, p in entries if code != "??"])
+    if state.setup_files:
+        info("setup's changes to tracked files recorded", count=len(state.setup_files))
+    head = git("rev-parse", "HEAD")
+    if head != state.base_sha:
+        info("setup committed; the base moves", base=state.base_sha[:12], head=head[:12])
+        state.base_sha = head
+
+
+def uncommitted(git: Git, state: TaskState) -> list[str]:
+    """What `git status` shows, but the files setup changed and nobody touched since."""
+    paths = [p for _, p in status_paths(git)]
+    known = [p for p in paths if p in state.setup_files]
+    same = {p for p, blob in hash_files(git, known).items() if blob == state.setup_files[p]}
+    return [p for p in paths if p not in same]
 
 
 # ---------------------------------------------------------------------------
@@ -5120,6 +5211,7 @@ class TaskRun:
             )  # fmt: skip
         self.details["setup"] = result.details()
         self._check_stop()
+        self._after_setup(state)
         if result.status == "timeout" and name == "SHEPHERD_TASK_TIMEOUT":
             raise Failure(f"{result.failed}, before the agent started")
         if result.failed:
@@ -5130,6 +5222,15 @@ class TaskRun:
             except OSError as exc:
                 raise Failure(f"HOME is not writable: {exc.filename}: {exc.strerror}") from None
         return result
+
+    def _after_setup(self, state: TaskState) -> None:
+        """What setup left is not the agent's: the Stop hook reads the state saved here."""
+        git = Git(state.repo_dir, self.ctx.environ, self.ctx.redact)
+        try:
+            keep_setup_leftovers(git, state)
+        except (CommandError, OSError) as exc:
+            raise Failure(f"the repository could not be read after its setup: {exc}") from None
+        state.save(os.path.join(self.state_dir, STATE_FILE))
 
     def _agent(
         self, cmd: list[str], env: dict[str, str], branch: Branch, github: GitHub, token: Token,

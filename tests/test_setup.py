@@ -450,3 +450,87 @@ def test_the_setup_command_comes_from_the_environment_or_the_flag():
         "make deps"
     )
     assert sr.parse_config(["serve", "--setup-command", "x"], {}).setup_command == "x"
+
+
+# ---------------------------------------------------------------------------
+# what setup leaves in the clone is not the agent's uncommitted work
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def clone(tmp_path):
+    """A committed repository, a Git on it and its TaskState based on its HEAD."""
+    repo = tmp_path / "clone"
+    repo.mkdir()
+    git = sr.Git(str(repo), os.environ, sr.Redactor())
+    git("init", "-q", "-b", "main")
+    git("config", "user.name", "t")
+    git("config", "user.email", "t@example.com")
+    (repo / "package-lock.json").write_text("{}\n")
+    (repo / "README.md").write_text("hello\n")
+    git("add", "-A")
+    git("commit", "-qm", "init")
+    state = sr.TaskState("t1", "https://github.com/a/b", str(repo), "main", "main",
+                         git("rev-parse", "HEAD"))  # fmt: skip
+    return repo, git, state
+
+
+def test_what_setup_installs_and_rewrites_is_not_left_uncommitted(clone):
+    repo, git, state = clone
+    (repo / "node_modules" / "x").mkdir(parents=True)
+    (repo / "node_modules" / "x" / "index.js").write_text("1\n")
+    (repo / "build [1]*.log").write_text("log\n")
+    (repo / "package-lock.json").write_text('{"lockfileVersion": 3}\n')
+    sr.keep_setup_leftovers(git, state)
+    assert sr.uncommitted(git, state) == []
+    assert git("status", "--porcelain") == " M package-lock.json"  # git itself is not fooled
+    exclude = (repo / ".git" / "info" / "exclude").read_text()
+    assert f"{sr.EXCLUDE_BEGIN}\n/build \\[1]\\*.log\n/node_modules/\n{sr.EXCLUDE_END}\n" in exclude
+
+
+def test_the_agents_own_changes_still_count_also_to_a_file_setup_changed(clone):
+    repo, git, state = clone
+    (repo / "package-lock.json").write_text('{"lockfileVersion": 3}\n')
+    (repo / "gone.txt").write_text("x\n")
+    sr.keep_setup_leftovers(git, state)
+    (repo / "package-lock.json").write_text('{"lockfileVersion": 3, "agent": 1}\n')
+    (repo / "README.md").write_text("hello world\n")
+    (repo / "notes.txt").write_text("new\n")
+    assert sorted(sr.uncommitted(git, state)) == ["README.md", "notes.txt", "package-lock.json"]
+
+
+def test_a_file_setup_deleted_counts_only_once_the_agent_brings_it_back(clone):
+    repo, git, state = clone
+    (repo / "README.md").unlink()
+    sr.keep_setup_leftovers(git, state)
+    assert state.setup_files == {"README.md": ""}
+    assert sr.uncommitted(git, state) == []
+    (repo / "README.md").write_text("back\n")
+    assert sr.uncommitted(git, state) == ["README.md"]
+
+
+def test_a_second_setup_adds_to_the_runners_exclude_block_and_keeps_the_rest(clone):
+    repo, git, state = clone
+    exclude = repo / ".git" / "info" / "exclude"
+    exclude.write_text("# mine\n*.swp")
+    (repo / ".venv").mkdir()
+    (repo / ".venv" / "x").write_text("1\n")
+    sr.keep_setup_leftovers(git, state)
+    (repo / "dist").mkdir()
+    (repo / "dist" / "x").write_text("1\n")
+    sr.keep_setup_leftovers(git, state)
+    assert exclude.read_text() == (
+        f"# mine\n*.swp\n{sr.EXCLUDE_BEGIN}\n/.venv/\n/dist/\n{sr.EXCLUDE_END}\n"
+    )
+
+
+def test_commits_setup_made_move_the_base_and_are_not_the_agents(clone, log):
+    repo, git, state = clone
+    before = state.base_sha
+    (repo / "generated.txt").write_text("1\n")
+    git("add", "-A")
+    git("commit", "-qm", "setup's commit")
+    sr.keep_setup_leftovers(git, state)
+    assert state.base_sha == git("rev-parse", "HEAD") != before
+    assert sr.commits_ahead(git, state) == 0
+    assert "setup committed; the base moves" in log.getvalue()
