@@ -108,16 +108,16 @@ RUN apt-get update \
 # for by name comes from there, nothing else is upgraded. Debian's go.env keeps
 # Go's default GOTOOLCHAIN=auto: a go.mod that asks for a newer Go gets it from
 # the module proxy at run time. There is no C compiler, so cgo is off (Go turns
-# it off when it finds no gcc). dpkg leaves out Go's own regression tests and
-# API lists: only the tests of Go itself (`go tool dist test`) read them.
+# it off when it finds no gcc). dpkg leaves out what go build, test and install
+# never read: Go's own tests, the sources of its prebuilt tools, and the
+# profile viewers (deploy/go-slim.dpkg.cfg says what and why).
+COPY deploy/go-slim.dpkg.cfg /etc/dpkg/dpkg.cfg.d/go-slim
 # hadolint ignore=DL3008
 RUN mirror="$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/debian.sources | head -n 1)" \
     && printf '%s\n' 'Types: deb' "URIs: ${mirror:-http://deb.debian.org/debian}" \
         'Suites: bookworm-backports' 'Components: main' \
         'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg' \
         >/etc/apt/sources.list.d/bookworm-backports.sources \
-    && printf '%s\n' 'path-exclude /usr/share/go-*/test/*' 'path-exclude /usr/share/go-*/api/*' \
-        >/etc/dpkg/dpkg.cfg.d/go-slim \
     && apt-get update \
     && apt-get install -y --no-install-recommends golang-1.23-go \
     && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /var/log/apt/* /var/log/dpkg.log \
