@@ -1889,6 +1889,10 @@ class TaskState:
     commit_signing: str = "auto"  # SHEPHERD_COMMIT_SIGNING: auto | api | off
     # Tracked files the repository's setup changed: path -> blob id of what it left.
     setup_files: dict[str, str] = dataclasses.field(default_factory=dict)
+    # HEAD after the repository's setup when setup committed: the agent's
+    # commits are the ones after it. base_sha stays what the remote has (the
+    # API's copies of commits and the bundles are built on it).
+    setup_sha: str = ""
 
     def save(self, path: str) -> None:
         _write_json(path, dataclasses.asdict(self))
@@ -1942,7 +1946,7 @@ class Outcome:
 def commits_ahead(git: Git, state: TaskState, ref: str = "") -> int:
     """Commits on `ref` (the task's branch by default) that the base does not have."""
     ref = ref or f"refs/heads/{state.branch}"
-    return int(git("rev-list", "--count", f"{state.base_sha}..{ref}") or 0)
+    return int(git("rev-list", "--count", f"{state.setup_sha or state.base_sha}..{ref}") or 0)
 
 
 def pr_title(description: str) -> str:
@@ -3382,7 +3386,7 @@ def keep_setup_leftovers(git: Git, state: TaskState) -> None:
     Untracked paths (`node_modules/`, `.venv/`) go to .git/info/exclude;
     tracked files it changed (a rewritten lockfile) are recorded with their
     content in `state.setup_files`, so that they count as the agent's only
-    once the agent changes them again. Commits it made move the base.
+    once the agent changes them again. Commits it made are not counted as the agent's.
     """
     entries = status_paths(git)
     untracked = [p for code, p in entries if code == "??"]
@@ -3394,8 +3398,8 @@ def keep_setup_leftovers(git: Git, state: TaskState) -> None:
         info("setup's changes to tracked files recorded", count=len(state.setup_files))
     head = git("rev-parse", "HEAD")
     if head != state.base_sha:
-        info("setup committed; the base moves", base=state.base_sha[:12], head=head[:12])
-        state.base_sha = head
+        info("setup committed; the agent's commits count from its head", head=head[:12])
+        state.setup_sha = head
 
 
 def uncommitted(git: Git, state: TaskState) -> list[str]:

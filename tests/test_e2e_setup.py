@@ -155,7 +155,7 @@ def test_what_setup_installs_or_rewrites_is_not_sent_back_as_uncommitted_work(ta
     assert "uncommitted" not in terminal["details"]
     assert terminal["details"]["commits"] == 1  # the agent's, not setup's
     assert "You left uncommitted changes" not in task.model_saw()
-    assert "setup committed; the base moves" in task.runner.output
+    assert "setup committed; the agent's commits count from its head" in task.runner.output
 
 
 def test_hanging_setup_is_stopped_at_its_timeout_and_leaves_no_process(task, api):

@@ -524,13 +524,16 @@ def test_a_second_setup_adds_to_the_runners_exclude_block_and_keeps_the_rest(clo
     )
 
 
-def test_commits_setup_made_move_the_base_and_are_not_the_agents(clone, log):
+def test_commits_setup_made_are_not_the_agents_and_the_base_stays_the_remotes(clone, log):
     repo, git, state = clone
     before = state.base_sha
     (repo / "generated.txt").write_text("1\n")
     git("add", "-A")
     git("commit", "-qm", "setup's commit")
     sr.keep_setup_leftovers(git, state)
-    assert state.base_sha == git("rev-parse", "HEAD") != before
+    assert (state.base_sha, state.setup_sha) == (before, git("rev-parse", "HEAD"))
     assert sr.commits_ahead(git, state) == 0
-    assert "setup committed; the base moves" in log.getvalue()
+    (repo / "README.md").write_text("the agent's\n")
+    git("commit", "-qam", "the agent's commit")
+    assert sr.commits_ahead(git, state) == 1
+    assert "setup committed; the agent's commits count from its head" in log.getvalue()
