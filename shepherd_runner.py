@@ -4522,8 +4522,13 @@ FROZEN = bool(getattr(sys, "frozen", False))
 
 def runner_command(executable: str = sys.executable, frozen: bool = FROZEN) -> tuple[str, ...]:
     """The command that starts this runner: the portable build's executable
-    itself, or this interpreter (a venv's, which has `requests`) with -m."""
-    return (executable,) if frozen else (executable, "-m", "shepherd_runner")
+    itself, or this interpreter (a venv's, which has `requests`) with -m.
+
+    Isolated (-I): the Stop hook runs in the repository's root, and plain -m
+    would import a `hook.py` or `requests/` of the repository (or what a
+    PYTHONPATH from $SHEPHERD_ENV names) before ours.
+    """
+    return (executable,) if frozen else (executable, "-I", "-m", "shepherd_runner")
 
 
 RUNNER_COMMAND = runner_command()
@@ -5048,8 +5053,9 @@ class TaskRun:
             outcome = Outcome("failed", message, {"error": message})
         reason = self.ctx.stop.reason
         if outcome.event == "failed" and reason and not outcome.message.startswith(reason):
-            # Whatever broke was broken by the signal: say that, not the symptom.
-            outcome = Outcome("failed", reason, {"error": reason})
+            # Whatever broke was broken by the signal: say that, not the symptom
+            # (what the details say of the work, a rule or a bundle, stays).
+            outcome = Outcome("failed", reason, {**outcome.details, "error": reason})
         # Every event is flushed (or counted as dropped) first: the API
         # answers /events with 410 from the first terminal status on.
         self._close_events()
@@ -5106,6 +5112,7 @@ class TaskRun:
             self.details.update(self.sender.close(flush))
 
     def _task_data(self) -> tuple[dict[str, Any], RepoURL]:
+        self._check_stop()  # a signal during the `started` status
         with step("fetch task data"):
             data = self.api.fetch_task_data()
         data = sanitize_task_data(data)  # before it reaches the prompt or a file
@@ -5314,6 +5321,24 @@ class TaskRun:
             return agent, Outcome("failed", str(exc))
 
     def _outcome(
+        self, agent: AgentRun, state: TaskState, github: GitHub, branch: Branch
+    ) -> Outcome:
+        try:
+            return self._decide(agent, state, github, branch)
+        except Failure:
+            if self.ctx.stop.signum is None:
+                raise
+            # The signal ended the conclusion's retries: one short push says where the work is.
+            reason = self.ctx.stop.reason
+            try:
+                ahead = commits_ahead(branch.git, state)
+            except (CommandError, ValueError):
+                ahead = 0
+            if not ahead:
+                return Outcome("failed", reason, {"error": reason})
+            return self._last_push(reason, state, branch, ahead)
+
+    def _decide(
         self, agent: AgentRun, state: TaskState, github: GitHub, branch: Branch
     ) -> Outcome:
         reason = agent_failure(agent, self.cfg)

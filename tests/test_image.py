@@ -483,7 +483,7 @@ def test_task_runs_end_to_end_inside_the_image(image, run_args, api, github, tok
     # The image's baked settings.json hook (python -m shepherd_runner hook),
     # staged as the venv's python by its path, decided it.
     assert terminal["details"]["decided_by"] == "stop-hook", logs
-    venv_runner = "/opt/shepherd/venv/bin/python3 -m shepherd_runner"
+    venv_runner = "/opt/shepherd/venv/bin/python3 -I -m shepherd_runner"
     assert f'hook commands run this runner hooks=2 command="{venv_runner}"' in logs
     assert "executable=/opt/shepherd/venv/bin/python3" in logs
     assert github.log("acme", "widgets", f"shepherd/{TASK}")[0] == "Update greeting"
