@@ -1696,6 +1696,10 @@ class Supervisor:
         """
         self.result_at = 0.0
 
+    def done(self) -> bool:
+        """The process has exited or was stopped, and its marked processes are gone."""
+        return not any(thread.is_alive() for thread in self._threads)
+
     def wait(self) -> int:
         """The exit code, once the process and everything it started are gone."""
         code = self.proc.wait()
@@ -1903,6 +1907,12 @@ class TaskState:
     pull_number: int = 0
     pull_note: str = ""  # why the work is not on that pull request; "": it is
     commit_signing: str = "auto"  # SHEPHERD_COMMIT_SIGNING: auto | api | off
+    # Tracked files the repository's setup changed: path -> blob id of what it left.
+    setup_files: dict[str, str] = dataclasses.field(default_factory=dict)
+    # HEAD after the repository's setup when setup committed: the agent's
+    # commits are the ones after it. base_sha stays what the remote has (the
+    # API's copies of commits and the bundles are built on it).
+    setup_sha: str = ""
 
     def save(self, path: str) -> None:
         _write_json(path, dataclasses.asdict(self))
@@ -1956,7 +1966,7 @@ class Outcome:
 def commits_ahead(git: Git, state: TaskState, ref: str = "") -> int:
     """Commits on `ref` (the task's branch by default) that the base does not have."""
     ref = ref or f"refs/heads/{state.branch}"
-    return int(git("rev-list", "--count", f"{state.base_sha}..{ref}") or 0)
+    return int(git("rev-list", "--count", f"{state.setup_sha or state.base_sha}..{ref}") or 0)
 
 
 def pr_title(description: str) -> str:
@@ -2259,6 +2269,18 @@ def expired_outcome(state: TaskState, git: Git, branch: Branch, details: dict) -
     return Outcome("failed", message, details | {"error": message})
 
 
+def _no_commits(state: TaskState, git: Git, details: dict, last_message: str) -> Outcome:
+    """`failed`: no commits on the task's branch (maybe on another one)."""
+    head = git("rev-parse", "--abbrev-ref", "HEAD")
+    if head != state.branch and commits_ahead(git, state, "HEAD"):
+        message = (
+            f"the agent committed on branch {head}, not {state.branch}; no pull request was opened"
+        )
+        return Outcome("failed", message, details | {"error": message})
+    error_text = last_message.strip() or "the agent made no commits"
+    return Outcome("failed", "no changes made", details | {"error": error_text})
+
+
 def conclude(
     state: TaskState,
     git: Git,
@@ -2276,7 +2298,7 @@ def conclude(
     Idempotent: run by the hook and again by the runner, it opens one PR. A
     failure GitHub or the network may not repeat is `transient`.
     """
-    dirty = [line[3:] for line in git("status", "--porcelain").splitlines() if line]
+    dirty = uncommitted(git, state)
     if dirty and may_block:
         files = ", ".join(dirty[:10]) + (" …" if len(dirty) > 10 else "")
         return Outcome(
@@ -2290,16 +2312,7 @@ def conclude(
         details["uncommitted"] = dirty[:50]
     ahead = commits_ahead(git, state)
     if ahead == 0:
-        head = git("rev-parse", "--abbrev-ref", "HEAD")
-        if head != state.branch and commits_ahead(git, state, "HEAD"):
-            message = (
-                f"the agent committed on branch {head}, not {state.branch}; "
-                "no pull request was opened"
-            )
-            return Outcome("failed", message, details | {"error": message})
-        error_text = last_message.strip() or "the agent made no commits"
-        return Outcome("failed", "no changes made", details | {"error": error_text})
-
+        return _no_commits(state, git, details, last_message)
     details["commits"] = ahead
     branch = branch or Branch(git, state)
     if state.token_expired(now()):
@@ -2981,11 +2994,20 @@ SETUP_EVENTS_MAX = 100
 SETUP_LINE_CHARS = 1000  # a longer line is cut
 SETUP_TAIL_LINES = 50  # the last lines the agent gets when setup failed
 SETUP_ENV_BYTES = 1 << 20
+SETUP_DRAIN = 2.0  # seconds the output is read after the command and its processes are gone
+SETUP_POLL = 0.25  # how often the output's reader looks whether they are gone
 # What $SHEPHERD_ENV may not set: the runner's own wiring (its state, the
-# Stop hook, git's credentials) and the operator's model endpoint and key.
+# Stop hook, git's credentials) and the operator's model endpoint and key;
+# what points git at another repository, index or object store (the runner's
+# commits and pushes would read it); and the programs git or ssh ask for a
+# password (they would be handed the token's prompt). PATH stays allowed.
 SETUP_ENV_RESERVED = frozenset(
     {"HOME", "TMPDIR", "GH_TOKEN", "GIT_TERMINAL_PROMPT", "GIT_ALLOW_PROTOCOL", "CI",
-     "DISABLE_AUTOUPDATER"}
+     "DISABLE_AUTOUPDATER", "GIT_CONFIG", "GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE",
+     "GIT_OBJECT_DIRECTORY", "GIT_ALTERNATE_OBJECT_DIRECTORIES", "GIT_COMMON_DIR",
+     "GIT_NAMESPACE", "GIT_CEILING_DIRECTORIES", "GIT_DISCOVERY_ACROSS_FILESYSTEM",
+     "GIT_EXEC_PATH", "GIT_ASKPASS", "SSH_ASKPASS", "GIT_SSH", "GIT_SSH_COMMAND",
+     "GIT_PROXY_COMMAND", "GIT_TRACE_REDACT"}
 )  # fmt: skip
 SETUP_ENV_RESERVED_PREFIXES = ("SHEPHERD_", "GIT_CONFIG_", "ANTHROPIC_")
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -3018,7 +3040,9 @@ def setup_steps(repo_dir: str, command: str) -> list[SetupStep]:
     """
     steps = []
     if command:
-        steps.append(SetupStep("SHEPHERD_SETUP_COMMAND", command, ["bash", "-c", command]))
+        # Events and logs show the setting's name: its text may carry a secret inline.
+        name = "SHEPHERD_SETUP_COMMAND"
+        steps.append(SetupStep(name, name, ["bash", "-c", command]))
     path = os.path.join(repo_dir, SETUP_SCRIPT)
     try:
         mode = os.stat(path).st_mode
@@ -3217,19 +3241,37 @@ def run_setup_command(
         return (127 if isinstance(exc, FileNotFoundError) else 126), ""
     marker = f"SHEPHERD_RUN_ID={env['SHEPHERD_RUN_ID']}".encode()
     watch = Supervisor(proc, marker, stop=stop, limits=limits, grace=grace, what="setup")
-    fd = proc.stdout.fileno()  # type: ignore[union-attr]
-    os.set_blocking(fd, False)  # lines not ended yet are sent after a while too
-    with selectors.DefaultSelector() as selector:
-        selector.register(fd, selectors.EVENT_READ)
-        while True:
-            due = output.due()
-            selector.select(None if due is None else max(due - time.monotonic(), 0))
-            if not _read_into(fd, output):
-                break
-            output.tick()
+    _pump(proc.stdout.fileno(), output, watch)  # type: ignore[union-attr]
     proc.stdout.close()  # type: ignore[union-attr]
     code = watch.wait()
     return (None, watch.stopped) if watch.stopped else (code, "")
+
+
+def _pump(fd: int, output: SetupOutput, watch: Supervisor, drain: float = SETUP_DRAIN) -> None:
+    """Feeds `output` from `fd` until its end, or `drain` seconds after the watch is done.
+
+    A process that escaped the marker (`env -i sleep 600 &`) can hold the pipe
+    open past the command's exit, its timeout and a signal: once the command
+    and its marked processes are gone, what is buffered is read, no more.
+    """
+    os.set_blocking(fd, False)  # lines not ended yet are sent after a while too
+    ends = None
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        while True:
+            now = time.monotonic()
+            if ends is None and watch.done():
+                ends = now + drain
+            elif ends is not None and now >= ends:
+                hint = "a process it started cleared its environment"
+                warn("setup output still open after the command ended; no longer read",
+                     seconds=drain, hint=hint)  # fmt: skip
+                return
+            times = [t for t in (output.due(), ends) if t is not None]
+            selector.select(min([*times, now + SETUP_POLL]) - now)
+            if not _read_into(fd, output):
+                return
+            output.tick()
 
 
 def run_setup(
@@ -3300,6 +3342,95 @@ SETUP_PROMPT = """
 The repository's setup failed ({failed}), so what it installs may be missing: its \
 last lines of output are at the end of {context_path}.
 """
+
+
+# ---------------------------------------------------------------------------
+# what the repository's setup left in the clone: not the agent's work
+# ---------------------------------------------------------------------------
+
+EXCLUDE_BEGIN = "# shepherd-runner: left by the repository's setup (begin)"
+EXCLUDE_END = "# shepherd-runner: left by the repository's setup (end)"
+
+
+def status_paths(git: Git) -> list[tuple[str, str]]:
+    """(XY, path) of each `git status --porcelain` entry, paths unquoted (-z)."""
+    fields, entries = git("status", "--porcelain", "-z").split("\0"), []
+    rest = iter(fields)
+    for field in rest:
+        if field:
+            entries.append((field[:2], field[3:]))
+            if "R" in field[:2] or "C" in field[:2]:
+                next(rest, None)  # a rename's or copy's source path
+    return entries
+
+
+def hash_files(git: Git, paths: list[str]) -> dict[str, str]:
+    """Each path's working file as a blob id; "" when it is gone. Others are left out."""
+    hashes = {p: "" for p in paths if not os.path.lexists(os.path.join(git.cwd, p))}
+    files = [p for p in paths if "\n" not in p and os.path.isfile(os.path.join(git.cwd, p))]
+    if files:
+        cmd = ["git", "hash-object", "--stdin-paths"]
+        code, out, err = run(cmd, cwd=git.cwd, env=git.env, input="\n".join(files) + "\n")
+        if code != 0:
+            raise CommandError(cmd, code, out, err, git.redact)
+        hashes.update(zip(files, out.split(), strict=False))
+    return hashes
+
+
+def _exclude_pattern(path: str) -> str:
+    # Anchored at the root; git's glob characters and a trailing space escaped.
+    escaped = re.sub(r"([\\*?\[])", r"\\\1", path)
+    stripped = escaped.rstrip(" ")
+    return "/" + stripped + "\\ " * (len(escaped) - len(stripped))
+
+
+def exclude_paths(git: Git, paths: list[str]) -> None:
+    """Adds `paths` to the runner's block of .git/info/exclude."""
+    path = os.path.join(git.cwd, git("rev-parse", "--git-path", "info/exclude"))
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            text = f.read()
+    except FileNotFoundError:
+        text = ""
+    block_re = f"(?ms)^{re.escape(EXCLUDE_BEGIN)}\n(.*?)^{re.escape(EXCLUDE_END)}\n"
+    # What an earlier setup of this clone left stays excluded: git no longer lists it.
+    kept = [line for m in re.finditer(block_re, text) for line in m[1].splitlines()]
+    new = [_exclude_pattern(p) for p in paths if "\n" not in p]
+    text = re.sub(block_re, "", text)
+    block = [EXCLUDE_BEGIN, *dict.fromkeys(kept + new), EXCLUDE_END]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8", errors="surrogateescape") as f:
+        f.write(text + ("\n" if text and not text.endswith("\n") else "") + "\n".join(block) + "\n")
+
+
+def keep_setup_leftovers(git: Git, state: TaskState) -> None:
+    """Takes what setup left out of what the agent leaves uncommitted.
+
+    Untracked paths (`node_modules/`, `.venv/`) go to .git/info/exclude;
+    tracked files it changed (a rewritten lockfile) are recorded with their
+    content in `state.setup_files`, so that they count as the agent's only
+    once the agent changes them again. Commits it made are not counted as the agent's.
+    """
+    entries = status_paths(git)
+    untracked = [p for code, p in entries if code == "??"]
+    if untracked:
+        exclude_paths(git, untracked)
+        info("setup's untracked paths excluded", paths=untracked[:20], count=len(untracked))
+    state.setup_files = hash_files(git, [p for code, p in entries if code != "??"])
+    if state.setup_files:
+        info("setup's changes to tracked files recorded", count=len(state.setup_files))
+    head = git("rev-parse", "HEAD")
+    if head != state.base_sha:
+        info("setup committed; the agent's commits count from its head", head=head[:12])
+        state.setup_sha = head
+
+
+def uncommitted(git: Git, state: TaskState) -> list[str]:
+    """What `git status` shows, but the files setup changed and nobody touched since."""
+    paths = [p for _, p in status_paths(git)]
+    known = [p for p in paths if p in state.setup_files]
+    same = {p for p, blob in hash_files(git, known).items() if blob == state.setup_files[p]}
+    return [p for p in paths if p not in same]
 
 
 # ---------------------------------------------------------------------------
@@ -4188,6 +4319,45 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+# Every setting of `serve`: (flag, environment variable, default, parser, help).
+# A pod sets the variable; the flag wins (README, Configuration).
+SETTINGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
+    ("--addr", "SHEPHERD_RUNNER_ADDR", DEFAULT_ADDR, parse_addr, "listen address"),
+    ("--work-dir", "SHEPHERD_WORK_DIR", "/workspace", str, "where the repository is cloned"),
+    ("--config-dir", "SHEPHERD_CONFIG_DIR", "/etc/shepherd", str,
+     "holds settings.json and CLAUDE.md, copied into ~/.claude/"),
+    ("--claude-bin", "SHEPHERD_CLAUDE_BIN", "claude", str, "the Claude Code CLI"),
+    ("--max-turns", "SHEPHERD_MAX_TURNS", "50", _positive(int), "agent turn limit"),
+    ("--max-budget-usd", "SHEPHERD_MAX_BUDGET_USD", "10.00", _positive(float),
+     "agent spending limit in USD"),
+    ("--model", "SHEPHERD_MODEL", "", str, "model passed as --model (CLI default if empty)"),
+    ("--task-timeout", "SHEPHERD_TASK_TIMEOUT", "", parse_timeout,
+     "deadline of the repository's setup and the agent: 90, 30s, 25m, 1h (none if empty)"),
+    ("--idle-timeout", "SHEPHERD_IDLE_TIMEOUT", DEFAULT_IDLE_TIMEOUT, parse_limit,
+     "stop the agent after this long without a line of output; 0 for never"),
+    ("--setup-command", "SHEPHERD_SETUP_COMMAND", "", str,
+     "run with bash -c in the clone before the repository's .shepherd/setup.sh"),
+    ("--setup-timeout", "SHEPHERD_SETUP_TIMEOUT", DEFAULT_SETUP_TIMEOUT, parse_limit,
+     "limit for the setup command and .shepherd/setup.sh together; 0 for none"),
+    ("--allowed-api-urls", "SHEPHERD_ALLOWED_API_URLS", "", parse_url_list,
+     "comma-separated apiURLs an assignment may name (any if empty)"),
+    ("--clone-filter", "SHEPHERD_CLONE_FILTER", "blob:none", parse_filter,
+     "partial-clone filter; 'none' for a full clone"),
+    ("--github-api-url", "SHEPHERD_GITHUB_API_URL", "", str,
+     "GitHub REST API base (derived from the repository host if empty)"),
+    ("--pr-draft", "SHEPHERD_PR_DRAFT", "false", parse_bool, "open pull requests as drafts"),
+    ("--log-format", "SHEPHERD_LOG_FORMAT", "text", parse_log_format,
+     "log lines as text or json (one object per line)"),
+    ("--commit-signing", "SHEPHERD_COMMIT_SIGNING", "auto", parse_signing,
+     "auto: git push, and commits made through the GitHub API (signed by GitHub) once a "
+     "push is refused for unsigned commits; api: always through the API; off: never"),
+    ("--ci-wait", "SHEPHERD_CI_WAIT", "0", parse_limit,
+     "wait this long for the pull request's checks: 90, 30s, 20m; 0 for not at all"),
+    ("--ci-fix-rounds", "SHEPHERD_CI_FIX_ROUNDS", "2", parse_count,
+     "times the agent is resumed to fix failing checks"),
+)  # fmt: skip
+
+
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser = _Parser(
         prog="shepherd-runner",
@@ -4204,74 +4374,12 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "`shepherd-runner hook` is the Claude Code Stop hook (JSON on stdin).",
     )
     sub.add_parser("hook", help="the Claude Code Stop hook (reads the hook JSON on stdin)")
-
-    def setting(flag: str, env: str, default: str, kind: Callable[[str], Any], text: str) -> None:
-        value = environ.get(env, default)
+    for flag, env, default, kind, text in SETTINGS:
         serve.envs = {**serve.envs, flag: env}
         serve.add_argument(
-            flag, default=value, type=kind, metavar=env,
+            flag, default=environ.get(env, default), type=kind, metavar=env,
             help=f"{text} (env {env}, default {default!r})",
         )  # fmt: skip
-
-    setting("--addr", "SHEPHERD_RUNNER_ADDR", DEFAULT_ADDR, parse_addr, "listen address")
-    setting("--work-dir", "SHEPHERD_WORK_DIR", "/workspace", str, "where the repository is cloned")
-    setting(
-        "--config-dir", "SHEPHERD_CONFIG_DIR", "/etc/shepherd", str,
-        "holds settings.json and CLAUDE.md, copied into ~/.claude/",
-    )  # fmt: skip
-    setting("--claude-bin", "SHEPHERD_CLAUDE_BIN", "claude", str, "the Claude Code CLI")
-    setting("--max-turns", "SHEPHERD_MAX_TURNS", "50", _positive(int), "agent turn limit")
-    setting(
-        "--max-budget-usd", "SHEPHERD_MAX_BUDGET_USD", "10.00", _positive(float),
-        "agent spending limit in USD",
-    )  # fmt: skip
-    setting("--model", "SHEPHERD_MODEL", "", str, "model passed as --model (CLI default if empty)")
-    setting(
-        "--task-timeout", "SHEPHERD_TASK_TIMEOUT", "", parse_timeout,
-        "deadline of the repository's setup and the agent: 90, 30s, 25m, 1h (none if empty)",
-    )  # fmt: skip
-    setting(
-        "--idle-timeout", "SHEPHERD_IDLE_TIMEOUT", DEFAULT_IDLE_TIMEOUT, parse_limit,
-        "stop the agent after this long without a line of output; 0 for never",
-    )  # fmt: skip
-    setting(
-        "--setup-command", "SHEPHERD_SETUP_COMMAND", "", str,
-        "run with bash -c in the clone before the repository's .shepherd/setup.sh",
-    )  # fmt: skip
-    setting(
-        "--setup-timeout", "SHEPHERD_SETUP_TIMEOUT", DEFAULT_SETUP_TIMEOUT, parse_limit,
-        "limit for the setup command and .shepherd/setup.sh together; 0 for none",
-    )  # fmt: skip
-    setting(
-        "--allowed-api-urls", "SHEPHERD_ALLOWED_API_URLS", "", parse_url_list,
-        "comma-separated apiURLs an assignment may name (any if empty)",
-    )  # fmt: skip
-    setting(
-        "--clone-filter", "SHEPHERD_CLONE_FILTER", "blob:none", parse_filter,
-        "partial-clone filter; 'none' for a full clone",
-    )  # fmt: skip
-    setting(
-        "--github-api-url", "SHEPHERD_GITHUB_API_URL", "", str,
-        "GitHub REST API base (derived from the repository host if empty)",
-    )  # fmt: skip
-    setting("--pr-draft", "SHEPHERD_PR_DRAFT", "false", parse_bool, "open pull requests as drafts")
-    setting(
-        "--log-format", "SHEPHERD_LOG_FORMAT", "text", parse_log_format,
-        "log lines as text or json (one object per line)",
-    )  # fmt: skip
-    setting(
-        "--commit-signing", "SHEPHERD_COMMIT_SIGNING", "auto", parse_signing,
-        "auto: git push, and commits made through the GitHub API (signed by GitHub) once a "
-        "push is refused for unsigned commits; api: always through the API; off: never",
-    )  # fmt: skip
-    setting(
-        "--ci-wait", "SHEPHERD_CI_WAIT", "0", parse_limit,
-        "wait this long for the pull request's checks: 90, 30s, 20m; 0 for not at all",
-    )  # fmt: skip
-    setting(
-        "--ci-fix-rounds", "SHEPHERD_CI_FIX_ROUNDS", "2", parse_count,
-        "times the agent is resumed to fix failing checks",
-    )  # fmt: skip
     return parser
 
 
@@ -4455,8 +4563,13 @@ FROZEN = bool(getattr(sys, "frozen", False))
 
 def runner_command(executable: str = sys.executable, frozen: bool = FROZEN) -> tuple[str, ...]:
     """The command that starts this runner: the portable build's executable
-    itself, or this interpreter (a venv's, which has `requests`) with -m."""
-    return (executable,) if frozen else (executable, "-m", "shepherd_runner")
+    itself, or this interpreter (a venv's, which has `requests`) with -m.
+
+    Isolated (-I): the Stop hook runs in the repository's root, and plain -m
+    would import a `hook.py` or `requests/` of the repository (or what a
+    PYTHONPATH from $SHEPHERD_ENV names) before ours.
+    """
+    return (executable,) if frozen else (executable, "-I", "-m", "shepherd_runner")
 
 
 RUNNER_COMMAND = runner_command()
@@ -4974,8 +5087,9 @@ class TaskRun:
             outcome = Outcome("failed", message, {"error": message})
         reason = self.ctx.stop.reason
         if outcome.event == "failed" and reason and not outcome.message.startswith(reason):
-            # Whatever broke was broken by the signal: say that, not the symptom.
-            outcome = Outcome("failed", reason, {"error": reason})
+            # Whatever broke was broken by the signal: say that, not the symptom
+            # (what the details say of the work, a rule or a bundle, stays).
+            outcome = Outcome("failed", reason, {**outcome.details, "error": reason})
         # Every event is flushed (or counted as dropped) first: the API
         # answers /events with 410 from the first terminal status on.
         self._close_events()
@@ -5032,6 +5146,7 @@ class TaskRun:
             self.details.update(self.sender.close(flush))
 
     def _task_data(self) -> tuple[dict[str, Any], RepoURL]:
+        self._check_stop()  # a signal during the `started` status
         with step("fetch task data"):
             data = self.api.fetch_task_data()
         data = sanitize_task_data(data)  # before it reaches the prompt or a file
@@ -5141,6 +5256,7 @@ class TaskRun:
             )  # fmt: skip
         self.details["setup"] = result.details()
         self._check_stop()
+        self._after_setup(state)
         if result.status == "timeout" and name == "SHEPHERD_TASK_TIMEOUT":
             raise Failure(f"{result.failed}, before the agent started")
         if result.failed:
@@ -5151,6 +5267,15 @@ class TaskRun:
             except OSError as exc:
                 raise Failure(f"HOME is not writable: {exc.filename}: {exc.strerror}") from None
         return result
+
+    def _after_setup(self, state: TaskState) -> None:
+        """What setup left is not the agent's: the Stop hook reads the state saved here."""
+        git = Git(state.repo_dir, self.ctx.environ, self.ctx.redact)
+        try:
+            keep_setup_leftovers(git, state)
+        except (CommandError, OSError) as exc:
+            raise Failure(f"the repository could not be read after its setup: {exc}") from None
+        state.save(os.path.join(self.state_dir, STATE_FILE))
 
     def _agent(
         self, cmd: list[str], env: dict[str, str], branch: Branch, github: GitHub, token: Token,
@@ -5232,6 +5357,22 @@ class TaskRun:
     def _outcome(
         self, agent: AgentRun, state: TaskState, github: GitHub, branch: Branch
     ) -> Outcome:
+        try:
+            return self._decide(agent, state, github, branch)
+        except Failure:
+            if self.ctx.stop.signum is None:
+                raise
+            # The signal ended the conclusion's retries: one short push says where the work is.
+            reason = self.ctx.stop.reason
+            try:
+                ahead = commits_ahead(branch.git, state)
+            except (CommandError, ValueError):
+                ahead = 0
+            if not ahead:
+                return Outcome("failed", reason, {"error": reason})
+            return self._last_push(reason, state, branch, ahead)
+
+    def _decide(self, agent: AgentRun, state: TaskState, github: GitHub, branch: Branch) -> Outcome:
         reason = agent_failure(agent, self.cfg)
         if reason:
             return self._partial(reason, agent, state, github, branch)
