@@ -108,16 +108,16 @@ RUN apt-get update \
 # for by name comes from there, nothing else is upgraded. Debian's go.env keeps
 # Go's default GOTOOLCHAIN=auto: a go.mod that asks for a newer Go gets it from
 # the module proxy at run time. There is no C compiler, so cgo is off (Go turns
-# it off when it finds no gcc). dpkg leaves out Go's own regression tests and
-# API lists: only the tests of Go itself (`go tool dist test`) read them.
+# it off when it finds no gcc). dpkg leaves out what go build, test and install
+# never read: Go's own tests, the sources of its prebuilt tools, and the
+# profile viewers (deploy/go-slim.dpkg.cfg says what and why).
+COPY deploy/go-slim.dpkg.cfg /etc/dpkg/dpkg.cfg.d/go-slim
 # hadolint ignore=DL3008
 RUN mirror="$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/debian.sources | head -n 1)" \
     && printf '%s\n' 'Types: deb' "URIs: ${mirror:-http://deb.debian.org/debian}" \
         'Suites: bookworm-backports' 'Components: main' \
         'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg' \
         >/etc/apt/sources.list.d/bookworm-backports.sources \
-    && printf '%s\n' 'path-exclude /usr/share/go-*/test/*' 'path-exclude /usr/share/go-*/api/*' \
-        >/etc/dpkg/dpkg.cfg.d/go-slim \
     && apt-get update \
     && apt-get install -y --no-install-recommends golang-1.23-go \
     && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /var/log/apt/* /var/log/dpkg.log \
@@ -135,15 +135,17 @@ COPY --from=portable /opt/shepherd-runner /opt/shepherd-runner
 # copies these into ~/.claude/ when it starts.
 COPY settings.json CLAUDE.md /etc/shepherd/
 
-# What the agent installs goes first: ~/.local/bin (pip install --user) and
-# $GOPATH/bin (go install); both are created under the emptyDir HOME when
-# first used. The runner's venv comes last: `python` is still the venv's (the
-# only `python`; the staged Stop hook runs it by its path), while
-# python3 and pip are Debian's, so what pip installs with --user is importable.
+# ~/.local/bin (pip install --user) and $GOPATH/bin (go install) are on PATH,
+# created under the emptyDir HOME when first used. They come after the system's
+# here, for the runner itself: a `git` the agent drops there must not run the
+# runner's pushes. The runner puts them first for setup and the agent. The
+# venv comes last: `python` is the venv's (the only `python`; the staged Stop
+# hook runs it by its path), python3 and pip are Debian's, so what pip
+# installs with --user is importable.
 # PEP 668: uid 1000 cannot write the system site-packages at all, so letting
 # pip past Debian's EXTERNALLY-MANAGED marker only opens the user site
 # (pip install defaults to --user there).
-ENV PATH=/home/shepherd/.local/bin:/home/shepherd/go/bin:/usr/lib/go-1.23/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/opt/shepherd/venv/bin \
+ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/usr/lib/go-1.23/bin:/home/shepherd/.local/bin:/home/shepherd/go/bin:/opt/shepherd/venv/bin \
     HOME=/home/shepherd \
     GOPATH=/home/shepherd/go \
     PIP_BREAK_SYSTEM_PACKAGES=1 \

@@ -823,6 +823,25 @@ class GitHubError(Exception):
         return self.status is None or self.status == 429 or self.status >= 500
 
 
+class Bearer:
+    """requests' `auth=` for a token: `Authorization: Bearer <token>`.
+
+    An explicit auth is what stops requests from reading ~/.netrc, whose entry
+    for the API's host would otherwise replace an Authorization header set on
+    the session (trust_env=False would also drop the proxy settings).
+    """
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    def __call__(self, request: Any) -> Any:
+        request.headers["Authorization"] = f"Bearer {self._token}"
+        return request
+
+    def __repr__(self) -> str:
+        return "Bearer(***)"
+
+
 class GitHub:
     """The few REST calls the runner needs, with `Authorization: Bearer <token>`."""
 
@@ -844,12 +863,9 @@ class GitHub:
         self.repo = repo
         self.api = (api_url or repo.api_url).rstrip("/")
         self.session = session or requests.Session()
+        self.session.auth = Bearer(token)
         self.session.headers.update(
-            {
-                "Authorization": f"Bearer {token}",
-                "Accept": "application/vnd.github+json",
-                "X-GitHub-Api-Version": "2022-11-28",
-            }
+            {"Accept": "application/vnd.github+json", "X-GitHub-Api-Version": "2022-11-28"}
         )
         # GETs are retried; a POST is not (it could open a second PR): the
         # caller looks for the PR again instead.
@@ -1134,6 +1150,8 @@ class StreamParser:
         self.redact = redact
         self.clock = clock
         self.sequence = 0
+        # The checks thread's events and the main thread's share the sequence.
+        self.lock = threading.RLock()
         self.tools: dict[str, str] = {}  # tool_use id -> tool name
         self.metrics: AgentMetrics | None = None
         self.last_text = ""
@@ -1170,9 +1188,11 @@ class StreamParser:
 
     def event(self, kind: str, summary: str, **fields: Any) -> dict[str, Any]:
         """An event; the summary is redacted here, `fields` come redacted already."""
-        self.sequence += 1
+        with self.lock:
+            self.sequence += 1
+            sequence = self.sequence
         summary = self.redact.head(summary.strip(), SUMMARY_LIMIT) or f"({kind})"
-        event = {"sequence": self.sequence, "timestamp": self.clock(), "type": kind}
+        event = {"sequence": sequence, "timestamp": self.clock(), "type": kind}
         event["summary"] = summary
         event.update({k: v for k, v in fields.items() if v is not None})
         return event
@@ -1676,6 +1696,10 @@ class Supervisor:
         """
         self.result_at = 0.0
 
+    def done(self) -> bool:
+        """The process has exited or was stopped, and its marked processes are gone."""
+        return not any(thread.is_alive() for thread in self._threads)
+
     def wait(self) -> int:
         """The exit code, once the process and everything it started are gone."""
         code = self.proc.wait()
@@ -1883,6 +1907,12 @@ class TaskState:
     pull_number: int = 0
     pull_note: str = ""  # why the work is not on that pull request; "": it is
     commit_signing: str = "auto"  # SHEPHERD_COMMIT_SIGNING: auto | api | off
+    # Tracked files the repository's setup changed: path -> blob id of what it left.
+    setup_files: dict[str, str] = dataclasses.field(default_factory=dict)
+    # HEAD after the repository's setup when setup committed: the agent's
+    # commits are the ones after it. base_sha stays what the remote has (the
+    # API's copies of commits and the bundles are built on it).
+    setup_sha: str = ""
 
     def save(self, path: str) -> None:
         _write_json(path, dataclasses.asdict(self))
@@ -1936,7 +1966,7 @@ class Outcome:
 def commits_ahead(git: Git, state: TaskState, ref: str = "") -> int:
     """Commits on `ref` (the task's branch by default) that the base does not have."""
     ref = ref or f"refs/heads/{state.branch}"
-    return int(git("rev-list", "--count", f"{state.base_sha}..{ref}") or 0)
+    return int(git("rev-list", "--count", f"{state.setup_sha or state.base_sha}..{ref}") or 0)
 
 
 def pr_title(description: str) -> str:
@@ -2288,6 +2318,18 @@ def expired_outcome(state: TaskState, git: Git, branch: Branch, details: dict) -
     return Outcome("failed", message, details | {"error": message})
 
 
+def _no_commits(state: TaskState, git: Git, details: dict, last_message: str) -> Outcome:
+    """`failed`: no commits on the task's branch (maybe on another one)."""
+    head = git("rev-parse", "--abbrev-ref", "HEAD")
+    if head != state.branch and commits_ahead(git, state, "HEAD"):
+        message = (
+            f"the agent committed on branch {head}, not {state.branch}; no pull request was opened"
+        )
+        return Outcome("failed", message, details | {"error": message})
+    error_text = last_message.strip() or "the agent made no commits"
+    return Outcome("failed", "no changes made", details | {"error": error_text})
+
+
 def conclude(
     state: TaskState,
     git: Git,
@@ -2305,7 +2347,7 @@ def conclude(
     Idempotent: run by the hook and again by the runner, it opens one PR. A
     failure GitHub or the network may not repeat is `transient`.
     """
-    dirty = [line[3:] for line in git("status", "--porcelain").splitlines() if line]
+    dirty = uncommitted(git, state)
     if dirty and may_block:
         files = ", ".join(dirty[:10]) + (" …" if len(dirty) > 10 else "")
         return Outcome(
@@ -2319,16 +2361,7 @@ def conclude(
         details["uncommitted"] = dirty[:50]
     ahead = commits_ahead(git, state)
     if ahead == 0:
-        head = git("rev-parse", "--abbrev-ref", "HEAD")
-        if head != state.branch and commits_ahead(git, state, "HEAD"):
-            message = (
-                f"the agent committed on branch {head}, not {state.branch}; "
-                "no pull request was opened"
-            )
-            return Outcome("failed", message, details | {"error": message})
-        error_text = last_message.strip() or "the agent made no commits"
-        return Outcome("failed", "no changes made", details | {"error": error_text})
-
+        return _no_commits(state, git, details, last_message)
     details["commits"] = ahead
     branch = branch or Branch(git, state)
     if state.token_expired(now()):
@@ -3048,11 +3081,20 @@ SETUP_EVENTS_MAX = 100
 SETUP_LINE_CHARS = 1000  # a longer line is cut
 SETUP_TAIL_LINES = 50  # the last lines the agent gets when setup failed
 SETUP_ENV_BYTES = 1 << 20
+SETUP_DRAIN = 2.0  # seconds the output is read after the command and its processes are gone
+SETUP_POLL = 0.25  # how often the output's reader looks whether they are gone
 # What $SHEPHERD_ENV may not set: the runner's own wiring (its state, the
-# Stop hook, git's credentials) and the operator's model endpoint and key.
+# Stop hook, git's credentials) and the operator's model endpoint and key;
+# what points git at another repository, index or object store (the runner's
+# commits and pushes would read it); and the programs git or ssh ask for a
+# password (they would be handed the token's prompt). PATH stays allowed.
 SETUP_ENV_RESERVED = frozenset(
     {"HOME", "TMPDIR", "GH_TOKEN", "GIT_TERMINAL_PROMPT", "GIT_ALLOW_PROTOCOL", "CI",
-     "DISABLE_AUTOUPDATER"}
+     "DISABLE_AUTOUPDATER", "GIT_CONFIG", "GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE",
+     "GIT_OBJECT_DIRECTORY", "GIT_ALTERNATE_OBJECT_DIRECTORIES", "GIT_COMMON_DIR",
+     "GIT_NAMESPACE", "GIT_CEILING_DIRECTORIES", "GIT_DISCOVERY_ACROSS_FILESYSTEM",
+     "GIT_EXEC_PATH", "GIT_ASKPASS", "SSH_ASKPASS", "GIT_SSH", "GIT_SSH_COMMAND",
+     "GIT_PROXY_COMMAND", "GIT_TRACE_REDACT"}
 )  # fmt: skip
 SETUP_ENV_RESERVED_PREFIXES = ("SHEPHERD_", "GIT_CONFIG_", "ANTHROPIC_")
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -3085,7 +3127,9 @@ def setup_steps(repo_dir: str, command: str) -> list[SetupStep]:
     """
     steps = []
     if command:
-        steps.append(SetupStep("SHEPHERD_SETUP_COMMAND", command, ["bash", "-c", command]))
+        # Events and logs show the setting's name: its text may carry a secret inline.
+        name = "SHEPHERD_SETUP_COMMAND"
+        steps.append(SetupStep(name, name, ["bash", "-c", command]))
     path = os.path.join(repo_dir, SETUP_SCRIPT)
     try:
         mode = os.stat(path).st_mode
@@ -3284,19 +3328,37 @@ def run_setup_command(
         return (127 if isinstance(exc, FileNotFoundError) else 126), ""
     marker = f"SHEPHERD_RUN_ID={env['SHEPHERD_RUN_ID']}".encode()
     watch = Supervisor(proc, marker, stop=stop, limits=limits, grace=grace, what="setup")
-    fd = proc.stdout.fileno()  # type: ignore[union-attr]
-    os.set_blocking(fd, False)  # lines not ended yet are sent after a while too
-    with selectors.DefaultSelector() as selector:
-        selector.register(fd, selectors.EVENT_READ)
-        while True:
-            due = output.due()
-            selector.select(None if due is None else max(due - time.monotonic(), 0))
-            if not _read_into(fd, output):
-                break
-            output.tick()
+    _pump(proc.stdout.fileno(), output, watch)  # type: ignore[union-attr]
     proc.stdout.close()  # type: ignore[union-attr]
     code = watch.wait()
     return (None, watch.stopped) if watch.stopped else (code, "")
+
+
+def _pump(fd: int, output: SetupOutput, watch: Supervisor, drain: float = SETUP_DRAIN) -> None:
+    """Feeds `output` from `fd` until its end, or `drain` seconds after the watch is done.
+
+    A process that escaped the marker (`env -i sleep 600 &`) can hold the pipe
+    open past the command's exit, its timeout and a signal: once the command
+    and its marked processes are gone, what is buffered is read, no more.
+    """
+    os.set_blocking(fd, False)  # lines not ended yet are sent after a while too
+    ends = None
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        while True:
+            now = time.monotonic()
+            if ends is None and watch.done():
+                ends = now + drain
+            elif ends is not None and now >= ends:
+                hint = "a process it started cleared its environment"
+                warn("setup output still open after the command ended; no longer read",
+                     seconds=drain, hint=hint)  # fmt: skip
+                return
+            times = [t for t in (output.due(), ends) if t is not None]
+            selector.select(min([*times, now + SETUP_POLL]) - now)
+            if not _read_into(fd, output):
+                return
+            output.tick()
 
 
 def run_setup(
@@ -3370,6 +3432,95 @@ last lines of output are at the end of {context_path}.
 
 
 # ---------------------------------------------------------------------------
+# what the repository's setup left in the clone: not the agent's work
+# ---------------------------------------------------------------------------
+
+EXCLUDE_BEGIN = "# shepherd-runner: left by the repository's setup (begin)"
+EXCLUDE_END = "# shepherd-runner: left by the repository's setup (end)"
+
+
+def status_paths(git: Git) -> list[tuple[str, str]]:
+    """(XY, path) of each `git status --porcelain` entry, paths unquoted (-z)."""
+    fields, entries = git("status", "--porcelain", "-z").split("\0"), []
+    rest = iter(fields)
+    for field in rest:
+        if field:
+            entries.append((field[:2], field[3:]))
+            if "R" in field[:2] or "C" in field[:2]:
+                next(rest, None)  # a rename's or copy's source path
+    return entries
+
+
+def hash_files(git: Git, paths: list[str]) -> dict[str, str]:
+    """Each path's working file as a blob id; "" when it is gone. Others are left out."""
+    hashes = {p: "" for p in paths if not os.path.lexists(os.path.join(git.cwd, p))}
+    files = [p for p in paths if "\n" not in p and os.path.isfile(os.path.join(git.cwd, p))]
+    if files:
+        cmd = ["git", "hash-object", "--stdin-paths"]
+        code, out, err = run(cmd, cwd=git.cwd, env=git.env, input="\n".join(files) + "\n")
+        if code != 0:
+            raise CommandError(cmd, code, out, err, git.redact)
+        hashes.update(zip(files, out.split(), strict=False))
+    return hashes
+
+
+def _exclude_pattern(path: str) -> str:
+    # Anchored at the root; git's glob characters and a trailing space escaped.
+    escaped = re.sub(r"([\\*?\[])", r"\\\1", path)
+    stripped = escaped.rstrip(" ")
+    return "/" + stripped + "\\ " * (len(escaped) - len(stripped))
+
+
+def exclude_paths(git: Git, paths: list[str]) -> None:
+    """Adds `paths` to the runner's block of .git/info/exclude."""
+    path = os.path.join(git.cwd, git("rev-parse", "--git-path", "info/exclude"))
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            text = f.read()
+    except FileNotFoundError:
+        text = ""
+    block_re = f"(?ms)^{re.escape(EXCLUDE_BEGIN)}\n(.*?)^{re.escape(EXCLUDE_END)}\n"
+    # What an earlier setup of this clone left stays excluded: git no longer lists it.
+    kept = [line for m in re.finditer(block_re, text) for line in m[1].splitlines()]
+    new = [_exclude_pattern(p) for p in paths if "\n" not in p]
+    text = re.sub(block_re, "", text)
+    block = [EXCLUDE_BEGIN, *dict.fromkeys(kept + new), EXCLUDE_END]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8", errors="surrogateescape") as f:
+        f.write(text + ("\n" if text and not text.endswith("\n") else "") + "\n".join(block) + "\n")
+
+
+def keep_setup_leftovers(git: Git, state: TaskState) -> None:
+    """Takes what setup left out of what the agent leaves uncommitted.
+
+    Untracked paths (`node_modules/`, `.venv/`) go to .git/info/exclude;
+    tracked files it changed (a rewritten lockfile) are recorded with their
+    content in `state.setup_files`, so that they count as the agent's only
+    once the agent changes them again. Commits it made are not counted as the agent's.
+    """
+    entries = status_paths(git)
+    untracked = [p for code, p in entries if code == "??"]
+    if untracked:
+        exclude_paths(git, untracked)
+        info("setup's untracked paths excluded", paths=untracked[:20], count=len(untracked))
+    state.setup_files = hash_files(git, [p for code, p in entries if code != "??"])
+    if state.setup_files:
+        info("setup's changes to tracked files recorded", count=len(state.setup_files))
+    head = git("rev-parse", "HEAD")
+    if head != state.base_sha:
+        info("setup committed; the agent's commits count from its head", head=head[:12])
+        state.setup_sha = head
+
+
+def uncommitted(git: Git, state: TaskState) -> list[str]:
+    """What `git status` shows, but the files setup changed and nobody touched since."""
+    paths = [p for _, p in status_paths(git)]
+    known = [p for p in paths if p in state.setup_files]
+    same = {p for p, blob in hash_files(git, known).items() if blob == state.setup_files[p]}
+    return [p for p in paths if p not in same]
+
+
+# ---------------------------------------------------------------------------
 # a continued pull request whose branch moved: the work is kept on shepherd/{taskID}
 # ---------------------------------------------------------------------------
 
@@ -3418,6 +3569,8 @@ FAILED_CONCLUSIONS = frozenset({"failure", "timed_out", "cancelled", "startup_fa
 RATE_LIMIT_WAIT = 60.0  # GitHub's advice when a limit names no time
 LOG_TAIL_BYTES = 64 << 10  # the end of a job's log, asked with a Range
 LOG_READ_MAX = 16 << 20  # a download that ignores the Range is read this far
+LOG_READ_SECONDS = 30.0  # a log download, in the main thread: a signal waits this long at most
+REMOTE_HEAD_TIMEOUT = 20.0  # git ls-remote of the pull request's head, in the main thread
 FAILURE_LINES = 200  # the last lines of each failing check in ~/ci-failures.md
 FAILURE_LINE_CHARS = 500
 FAILURES_FILE = "ci-failures.md"
@@ -3582,10 +3735,11 @@ class ChecksAPI:
         self.base = f"{(api_url or repo.api_url).rstrip('/')}/repos/{repo.owner}/{repo.name}"
         self.session = session or requests.Session()
         self.download = requests.Session()  # for log URLs: never the token
+        self.auth = Bearer(token)
         self.headers = {
-            "Authorization": f"Bearer {token}", "Accept": "application/vnd.github+json",
+            "Accept": "application/vnd.github+json",
             "X-GitHub-Api-Version": "2022-11-28",
-        }  # fmt: skip
+        }
         self.interval, self.until, self.clock, self.now = interval, until, clock, now
         self.answers: dict[str, _Answer] = {}
         self.asked: dict[str, float] = {}  # URL -> time.monotonic() of its last request
@@ -3603,7 +3757,7 @@ class ChecksAPI:
         self.asked[url] = self.clock()
         try:
             return self.session.get(
-                url, headers={**self.headers, **headers}, timeout=CHECKS_TIMEOUT,
+                url, headers={**self.headers, **headers}, auth=self.auth, timeout=CHECKS_TIMEOUT,
                 allow_redirects=False,
             )  # fmt: skip
         except requests.RequestException as exc:
@@ -3692,10 +3846,11 @@ class ChecksAPI:
         return None
 
 
-def _log_tail(session: requests.Session, url: str) -> str | None:
-    """The last LOG_TAIL_BYTES of the log at `url`, asked for with a Range."""
+def _log_tail(session: requests.Session, url: str, seconds: float = LOG_READ_SECONDS) -> str | None:
+    """The last LOG_TAIL_BYTES of the log at `url`, asked with a Range, for `seconds` at most."""
     import requests  # noqa: PLC0415 - see the import block
 
+    end = time.monotonic() + seconds
     try:
         with session.get(
             url, headers={"Range": f"bytes=-{LOG_TAIL_BYTES}"}, stream=True, timeout=CHECKS_TIMEOUT
@@ -3706,7 +3861,7 @@ def _log_tail(session: requests.Session, url: str) -> str | None:
             for chunk in resp.iter_content(64 << 10):
                 read += len(chunk)
                 tail = (tail + chunk)[-LOG_TAIL_BYTES:]
-                if read >= LOG_READ_MAX:
+                if read >= LOG_READ_MAX or time.monotonic() >= end:
                     break
     except requests.RequestException as exc:
         info("a job log could not be downloaded", error=_reason(exc))
@@ -3781,7 +3936,7 @@ class CheckWatch:
                 self.problem = str(exc)
             else:
                 for check in checks:
-                    if seen.get(check.name) != check.label:
+                    if seen.get(check.name) != check.label and not self.stopping.is_set():
                         seen[check.name] = check.label
                         self.on_change(check)
                 state, failed = checks_state(checks, suites, self.required)
@@ -3828,8 +3983,9 @@ def _log_lines(text: str) -> list[str]:
 
 
 def failures_text(
-    failed: list[Check], api: ChecksAPI, *, pr_url: str, sha: str, redact: Redactor
-) -> str:
+    failed: list[Check], api: ChecksAPI, *, pr_url: str, sha: str, redact: Redactor,
+    stopped: Callable[[], bool] = lambda: False,
+) -> str:  # fmt: skip
     """~/ci-failures.md: each failing check's name, URL and last log lines.
 
     CI output is written by whoever can change the repository's tests: it is
@@ -3842,7 +3998,7 @@ def failures_text(
     ]
     for check in failed:
         text = None
-        if check.job_id:
+        if check.job_id and not stopped():  # a signal: no more downloads
             try:
                 text = api.job_log(check.job_id)
             except ChecksUnreadable as exc:
@@ -3862,13 +4018,17 @@ def failures_text(
     return redact(clean)
 
 
-def resume_command(cfg: Config, session_id: str, prompt: str, turns: int, budget: float) -> list:
-    """The CLI's command line for resuming the task's session, within what is left."""
-    cmd = [
-        cfg.claude_bin, "--resume", session_id, "-p", prompt, "--dangerously-skip-permissions",
-        "--output-format", "stream-json", "--verbose",
-        "--max-turns", str(turns), "--max-budget-usd", f"{budget:.2f}",
-    ]  # fmt: skip
+def cli_command(
+    cfg: Config, prompt: str, *, turns: int, budget: float, resume: str = ""
+) -> list[str]:
+    """The Claude Code CLI's command line: headless, streaming, within `turns` and `budget`.
+
+    With `resume` (a session id) the session goes on: the CLI's budget is per
+    run, so `budget` is what is left of the task's.
+    """
+    cmd = [cfg.claude_bin, *(["--resume", resume] if resume else []), "-p", prompt,
+           "--dangerously-skip-permissions", "--output-format", "stream-json", "--verbose",
+           "--max-turns", str(turns), "--max-budget-usd", f"{budget:.2f}"]  # fmt: skip
     if cfg.model:
         cmd += ["--model", cfg.model]
     return cmd
@@ -3883,8 +4043,10 @@ def add_metrics(before: Mapping[str, Any], run: Mapping[str, Any]) -> dict[str, 
                   for k in USAGE_KEYS},
         "session_id": before.get("session_id") or run.get("session_id", ""),
     }  # fmt: skip
+    # A resumed run's total_cost_usd is the session's, its turns and usage its
+    # own (CLI 2.1.332, tests/CLI_FINDINGS.md); a run without a result keeps the cost.
     if "cost_usd" in before or "cost_usd" in run:
-        total["cost_usd"] = round(before.get("cost_usd", 0.0) + run.get("cost_usd", 0.0), 6)
+        total["cost_usd"] = max(before.get("cost_usd", 0.0), run.get("cost_usd", 0.0))
     return total
 
 
@@ -3905,16 +4067,27 @@ class ChecksGate:
     """
 
     def __init__(
-        self, cfg: Config, state: TaskState, api: ChecksAPI, *, pull_url: str, home: str,
-        stop: Stop, head: Callable[[], str],
+        self, cfg: Config, state: TaskState, api: ChecksAPI, outcome: Outcome, *, home: str,
+        stop: Stop, head: Callable[[str], str],
         fix: Callable[[list[str], Limits], tuple[AgentRun | None, Outcome]],
         spent: Callable[[], Mapping[str, Any]], emit: Callable[..., None],
-        redact: Redactor, no_ci_after: float = NO_CI_WINDOW,
+        redact: Redactor, local_of: Callable[[str], str] = lambda sha: sha,
+        no_ci_after: float = NO_CI_WINDOW,
     ) -> None:  # fmt: skip
-        self.cfg, self.state, self.api, self.pull_url, self.home = cfg, state, api, pull_url, home
+        self.cfg, self.state, self.api, self.home = cfg, state, api, home
         self.stop, self.head, self.fix, self.spent, self.emit = stop, head, fix, spent, emit
-        self.redact, self.no_ci_after = redact, no_ci_after
+        self.redact, self.local_of, self.no_ci_after = redact, local_of, no_ci_after
         self.required: frozenset[str] | None = None
+        self.rounds, self.started = 0, api.clock()
+        self.outcome, self.pull_url, self.branch = outcome, "", state.branch
+        self.follow(outcome)
+
+    def follow(self, outcome: Outcome) -> None:
+        """Watches where `outcome` put the work: a fix round's may be another branch and PR."""
+        if outcome.event == "completed" and outcome.details.get("pr_url"):
+            self.outcome, self.pull_url = outcome, outcome.details["pr_url"]
+            # The pull request's branch: the runner's own when a continued one had moved.
+            self.branch = outcome.details.get("branch") or self.state.branch
 
     def _limits(self) -> list[tuple[float, str]]:
         """(time.monotonic(), why) of the task's deadline and the token's margin."""
@@ -3928,28 +4101,30 @@ class ChecksGate:
                            f"the GitHub token's margin (it expires at {when})"))  # fmt: skip
         return [(clock() + epoch - now(), why) for epoch, why in limits]
 
-    def run(self, outcome: Outcome) -> Outcome:
-        rounds, allowed, note = 0, self.cfg.ci_fix_rounds, ""
+    def run(self) -> Outcome:
+        allowed, note = self.cfg.ci_fix_rounds, ""
         if self.api.now() < self.api.until:
             self.required = self.api.required(self.state.base_ref)
         while True:
             result = self._watch()
-            if result.state != "failure" or rounds >= allowed or (note := self._no_round()):
+            if result.state != "failure" or self.rounds >= allowed or (note := self._no_round()):
                 break
-            rounds += 1
-            trouble = self._fix_round(result, rounds, allowed)
-            if self.stop.signum is not None:  # its commits were pushed once more, not watched
-                result = ChecksResult("pending", "", note=self.stop.reason)
-                break
-            if min(self._limits(), default=(math.inf, ""))[0] <= self.api.clock():
-                note = trouble  # no call to GitHub now: the token is at its margin
+            self.rounds += 1
+            trouble = self._fix_round(result, self.rounds, allowed)
+            end, why = min(self._limits(), default=(math.inf, ""))
+            if self.stop.signum is not None or end <= self.api.clock():
+                # Its commits were pushed (once more after a signal) but not watched; at
+                # the token's margin no call to GitHub may be made.
+                late = trouble or f"the wait ended at {why}"
+                waited = self.api.clock() - self.started
+                result = ChecksResult("pending", "", waited=waited, note=self.stop.reason or late)
                 break
             if self._remote_head() == result.sha:
                 note = trouble or "the fix round made no new commit"
                 break
             if trouble:  # its commits are pushed: watched, but no round after it
-                note, allowed = f"the fix round ended early: {trouble}", rounds
-        return self._report(outcome, result, rounds, note)
+                note, allowed = f"the fix round ended early: {trouble}", self.rounds
+        return self._report(result, note)
 
     def _no_round(self) -> str:
         """Why no fix round may start now ('' when one may)."""
@@ -3969,8 +4144,10 @@ class ChecksGate:
         return ""
 
     def _remote_head(self) -> str:
+        if self.stop.signum is not None:
+            return ""
         try:
-            return self.head()
+            return self.head(self.branch)
         except CommandError as exc:
             warn("the pull request's head could not be read", error=str(exc))
             return ""
@@ -4017,11 +4194,14 @@ class ChecksGate:
 
     def _fix_round(self, result: ChecksResult, number: int, allowed: int) -> str:
         """Resumes the session to fix `result`'s failures; why it went wrong, or ''."""
-        failed = [c for c in result.checks if c.failed and c.name in result.failed]
+        latest = {c.name: c for c in result.checks}  # a re-run's name: its latest run counts
+        failed = [latest[n] for n in result.failed if n in latest and latest[n].failed]
         path = os.path.join(self.home, FAILURES_FILE)
+        sha = self.local_of(result.sha)  # with API signing, GitHub's copy is not in the clone
         with step("fix round", round=number, failed=",".join(result.failed)):
-            text = failures_text(failed, self.api, pr_url=self.pull_url, sha=result.sha,
-                                 redact=self.redact)  # fmt: skip
+            text = failures_text(failed, self.api, pr_url=self.pull_url, sha=sha,
+                                 redact=self.redact,
+                                 stopped=lambda: self.stop.signum is not None)  # fmt: skip
             try:
                 with open(path, "w", encoding="utf-8") as f:
                     f.write(text)
@@ -4031,24 +4211,26 @@ class ChecksGate:
             self.emit("thinking", f"Checks failed ({names}): the agent is resumed to fix them "
                       f"(round {number} of {allowed})")  # fmt: skip
             prompt = FIX_PROMPT.format(
-                pr_url=self.pull_url, sha=result.sha, names=names, path=path,
-                branch=self.state.branch, round=number, rounds=allowed,
+                pr_url=self.pull_url, sha=sha, names=names, path=path,
+                branch=self.branch, round=number, rounds=allowed,
             )  # fmt: skip
             spent = self.spent()
             turns = self.cfg.max_turns - spent.get("num_turns", 0)
             budget = math.floor((self.cfg.max_budget_usd - spent.get("cost_usd", 0.0)) * 100) / 100
             end, why = min(self._limits(), default=(math.inf, ""))
             timeout = end - self.api.clock() if end < math.inf else None
-            cmd = resume_command(self.cfg, spent.get("session_id", ""), prompt, turns, budget)
+            cmd = cli_command(self.cfg, prompt, turns=turns, budget=budget,
+                              resume=spent.get("session_id", ""))  # fmt: skip
             agent, outcome = self.fix(cmd, Limits(timeout=timeout, idle=self.cfg.idle_timeout))
+        self.follow(outcome)
         signal = self.stop.signum is not None
         if agent is not None and agent.stopped and not signal and self.api.clock() >= end:
             return f"it was stopped at {why}"
         reason = agent_failure(agent, self.cfg) if agent is not None else ""
         return reason or (outcome.message if outcome.event == "failed" else "")
 
-    def _report(self, outcome: Outcome, result: ChecksResult, rounds: int, note: str) -> Outcome:
-        failed = ", ".join(result.failed)
+    def _report(self, result: ChecksResult, note: str) -> Outcome:
+        failed, rounds, outcome = ", ".join(result.failed), self.rounds, self.outcome
         phrase = {
             "success": "checks passed",
             "failure": f"checks failing: {failed} after {_plural(rounds, 'fix round')}",
@@ -4068,15 +4250,25 @@ class ChecksGate:
         passed = result.state in ("success", "none")
         self.emit("tool_result", phrase, tool="checks",
                   output={"success": passed, "summary": phrase})  # fmt: skip
-        checks = {"state": result.state, "rounds": rounds, "failed": result.failed,
-                  "url": f"{self.pull_url}/checks"}  # fmt: skip
         message = "; ".join(part for part in (outcome.message, note, phrase) if part)
-        return Outcome(outcome.event, message, {**outcome.details, "checks": checks})
+        return self.concluded(message, result.state, result.failed)
+
+    def concluded(self, message: str, state: str, failed: list[str]) -> Outcome:
+        """The outcome the work last came to, with `message` and details.checks."""
+        checks = {"state": state, "rounds": self.rounds, "failed": failed,
+                  "url": f"{self.pull_url}/checks"}  # fmt: skip
+        return Outcome(self.outcome.event, message, {**self.outcome.details, "checks": checks})
+
+
+def local_commit(signing: Signing, sha: str) -> str:
+    """The clone's commit of `sha` on GitHub (its copy, with API signing), as the map says now."""
+    signing.load()  # the Stop hook's process may have made copies since
+    return signing.local_of(sha)
 
 
 def remote_head(git: Git, branch: str) -> str:
     """The sha of `branch` on the remote: what the pull request's checks run on."""
-    out = git("ls-remote", "origin", f"refs/heads/{branch}", timeout=60)
+    out = git("ls-remote", "origin", f"refs/heads/{branch}", timeout=REMOTE_HEAD_TIMEOUT)
     return out.split("\t")[0] if out else ""
 
 
@@ -4212,6 +4404,45 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+# Every setting of `serve`: (flag, environment variable, default, parser, help).
+# A pod sets the variable; the flag wins (README, Configuration).
+SETTINGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
+    ("--addr", "SHEPHERD_RUNNER_ADDR", DEFAULT_ADDR, parse_addr, "listen address"),
+    ("--work-dir", "SHEPHERD_WORK_DIR", "/workspace", str, "where the repository is cloned"),
+    ("--config-dir", "SHEPHERD_CONFIG_DIR", "/etc/shepherd", str,
+     "holds settings.json and CLAUDE.md, copied into ~/.claude/"),
+    ("--claude-bin", "SHEPHERD_CLAUDE_BIN", "claude", str, "the Claude Code CLI"),
+    ("--max-turns", "SHEPHERD_MAX_TURNS", "50", _positive(int), "agent turn limit"),
+    ("--max-budget-usd", "SHEPHERD_MAX_BUDGET_USD", "10.00", _positive(float),
+     "agent spending limit in USD"),
+    ("--model", "SHEPHERD_MODEL", "", str, "model passed as --model (CLI default if empty)"),
+    ("--task-timeout", "SHEPHERD_TASK_TIMEOUT", "", parse_timeout,
+     "deadline of the repository's setup and the agent: 90, 30s, 25m, 1h (none if empty)"),
+    ("--idle-timeout", "SHEPHERD_IDLE_TIMEOUT", DEFAULT_IDLE_TIMEOUT, parse_limit,
+     "stop the agent after this long without a line of output; 0 for never"),
+    ("--setup-command", "SHEPHERD_SETUP_COMMAND", "", str,
+     "run with bash -c in the clone before the repository's .shepherd/setup.sh"),
+    ("--setup-timeout", "SHEPHERD_SETUP_TIMEOUT", DEFAULT_SETUP_TIMEOUT, parse_limit,
+     "limit for the setup command and .shepherd/setup.sh together; 0 for none"),
+    ("--allowed-api-urls", "SHEPHERD_ALLOWED_API_URLS", "", parse_url_list,
+     "comma-separated apiURLs an assignment may name (any if empty)"),
+    ("--clone-filter", "SHEPHERD_CLONE_FILTER", "blob:none", parse_filter,
+     "partial-clone filter; 'none' for a full clone"),
+    ("--github-api-url", "SHEPHERD_GITHUB_API_URL", "", str,
+     "GitHub REST API base (derived from the repository host if empty)"),
+    ("--pr-draft", "SHEPHERD_PR_DRAFT", "false", parse_bool, "open pull requests as drafts"),
+    ("--log-format", "SHEPHERD_LOG_FORMAT", "text", parse_log_format,
+     "log lines as text or json (one object per line)"),
+    ("--commit-signing", "SHEPHERD_COMMIT_SIGNING", "auto", parse_signing,
+     "auto: git push, and commits made through the GitHub API (signed by GitHub) once a "
+     "push is refused for unsigned commits; api: always through the API; off: never"),
+    ("--ci-wait", "SHEPHERD_CI_WAIT", "0", parse_limit,
+     "wait this long for the pull request's checks: 90, 30s, 20m; 0 for not at all"),
+    ("--ci-fix-rounds", "SHEPHERD_CI_FIX_ROUNDS", "2", parse_count,
+     "times the agent is resumed to fix failing checks"),
+)  # fmt: skip
+
+
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser = _Parser(
         prog="shepherd-runner",
@@ -4228,74 +4459,12 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "`shepherd-runner hook` is the Claude Code Stop hook (JSON on stdin).",
     )
     sub.add_parser("hook", help="the Claude Code Stop hook (reads the hook JSON on stdin)")
-
-    def setting(flag: str, env: str, default: str, kind: Callable[[str], Any], text: str) -> None:
-        value = environ.get(env, default)
+    for flag, env, default, kind, text in SETTINGS:
         serve.envs = {**serve.envs, flag: env}
         serve.add_argument(
-            flag, default=value, type=kind, metavar=env,
+            flag, default=environ.get(env, default), type=kind, metavar=env,
             help=f"{text} (env {env}, default {default!r})",
         )  # fmt: skip
-
-    setting("--addr", "SHEPHERD_RUNNER_ADDR", DEFAULT_ADDR, parse_addr, "listen address")
-    setting("--work-dir", "SHEPHERD_WORK_DIR", "/workspace", str, "where the repository is cloned")
-    setting(
-        "--config-dir", "SHEPHERD_CONFIG_DIR", "/etc/shepherd", str,
-        "holds settings.json and CLAUDE.md, copied into ~/.claude/",
-    )  # fmt: skip
-    setting("--claude-bin", "SHEPHERD_CLAUDE_BIN", "claude", str, "the Claude Code CLI")
-    setting("--max-turns", "SHEPHERD_MAX_TURNS", "50", _positive(int), "agent turn limit")
-    setting(
-        "--max-budget-usd", "SHEPHERD_MAX_BUDGET_USD", "10.00", _positive(float),
-        "agent spending limit in USD",
-    )  # fmt: skip
-    setting("--model", "SHEPHERD_MODEL", "", str, "model passed as --model (CLI default if empty)")
-    setting(
-        "--task-timeout", "SHEPHERD_TASK_TIMEOUT", "", parse_timeout,
-        "deadline of the repository's setup and the agent: 90, 30s, 25m, 1h (none if empty)",
-    )  # fmt: skip
-    setting(
-        "--idle-timeout", "SHEPHERD_IDLE_TIMEOUT", DEFAULT_IDLE_TIMEOUT, parse_limit,
-        "stop the agent after this long without a line of output; 0 for never",
-    )  # fmt: skip
-    setting(
-        "--setup-command", "SHEPHERD_SETUP_COMMAND", "", str,
-        "run with bash -c in the clone before the repository's .shepherd/setup.sh",
-    )  # fmt: skip
-    setting(
-        "--setup-timeout", "SHEPHERD_SETUP_TIMEOUT", DEFAULT_SETUP_TIMEOUT, parse_limit,
-        "limit for the setup command and .shepherd/setup.sh together; 0 for none",
-    )  # fmt: skip
-    setting(
-        "--allowed-api-urls", "SHEPHERD_ALLOWED_API_URLS", "", parse_url_list,
-        "comma-separated apiURLs an assignment may name (any if empty)",
-    )  # fmt: skip
-    setting(
-        "--clone-filter", "SHEPHERD_CLONE_FILTER", "blob:none", parse_filter,
-        "partial-clone filter; 'none' for a full clone",
-    )  # fmt: skip
-    setting(
-        "--github-api-url", "SHEPHERD_GITHUB_API_URL", "", str,
-        "GitHub REST API base (derived from the repository host if empty)",
-    )  # fmt: skip
-    setting("--pr-draft", "SHEPHERD_PR_DRAFT", "false", parse_bool, "open pull requests as drafts")
-    setting(
-        "--log-format", "SHEPHERD_LOG_FORMAT", "text", parse_log_format,
-        "log lines as text or json (one object per line)",
-    )  # fmt: skip
-    setting(
-        "--commit-signing", "SHEPHERD_COMMIT_SIGNING", "auto", parse_signing,
-        "auto: git push, and commits made through the GitHub API (signed by GitHub) once a "
-        "push is refused for unsigned commits; api: always through the API; off: never",
-    )  # fmt: skip
-    setting(
-        "--ci-wait", "SHEPHERD_CI_WAIT", "0", parse_limit,
-        "wait this long for the pull request's checks: 90, 30s, 20m; 0 for not at all",
-    )  # fmt: skip
-    setting(
-        "--ci-fix-rounds", "SHEPHERD_CI_FIX_ROUNDS", "2", parse_count,
-        "times the agent is resumed to fix failing checks",
-    )  # fmt: skip
     return parser
 
 
@@ -4479,8 +4648,13 @@ FROZEN = bool(getattr(sys, "frozen", False))
 
 def runner_command(executable: str = sys.executable, frozen: bool = FROZEN) -> tuple[str, ...]:
     """The command that starts this runner: the portable build's executable
-    itself, or this interpreter (a venv's, which has `requests`) with -m."""
-    return (executable,) if frozen else (executable, "-m", "shepherd_runner")
+    itself, or this interpreter (a venv's, which has `requests`) with -m.
+
+    Isolated (-I): the Stop hook runs in the repository's root, and plain -m
+    would import a `hook.py` or `requests/` of the repository (or what a
+    PYTHONPATH from $SHEPHERD_ENV names) before ours.
+    """
+    return (executable,) if frozen else (executable, "-I", "-m", "shepherd_runner")
 
 
 RUNNER_COMMAND = runner_command()
@@ -4913,14 +5087,7 @@ def agent_command(
         context_path=context_path, pull_request=pull_request,
         setup=SETUP_PROMPT.format(failed=failed, context_path=context_path) if failed else "",
     )  # fmt: skip
-    cmd = [
-        cfg.claude_bin, "-p", prompt, "--dangerously-skip-permissions",
-        "--output-format", "stream-json", "--verbose",
-        "--max-turns", str(cfg.max_turns), "--max-budget-usd", f"{cfg.max_budget_usd:.2f}",
-    ]  # fmt: skip
-    if cfg.model:
-        cmd += ["--model", cfg.model]
-    return cmd
+    return cli_command(cfg, prompt, turns=cfg.max_turns, budget=cfg.max_budget_usd)
 
 
 class TaskRun:
@@ -5005,8 +5172,9 @@ class TaskRun:
             outcome = Outcome("failed", message, {"error": message})
         reason = self.ctx.stop.reason
         if outcome.event == "failed" and reason and not outcome.message.startswith(reason):
-            # Whatever broke was broken by the signal: say that, not the symptom.
-            outcome = Outcome("failed", reason, {"error": reason})
+            # Whatever broke was broken by the signal: say that, not the symptom
+            # (what the details say of the work, a rule or a bundle, stays).
+            outcome = Outcome("failed", reason, {**outcome.details, "error": reason})
         # Every event is flushed (or counted as dropped) first: the API
         # answers /events with 410 from the first terminal status on.
         self._close_events()
@@ -5063,6 +5231,7 @@ class TaskRun:
             self.details.update(self.sender.close(flush))
 
     def _task_data(self) -> tuple[dict[str, Any], RepoURL]:
+        self._check_stop()  # a signal during the `started` status
         with step("fetch task data"):
             data = self.api.fetch_task_data()
         data = sanitize_task_data(data)  # before it reaches the prompt or a file
@@ -5172,6 +5341,7 @@ class TaskRun:
             )  # fmt: skip
         self.details["setup"] = result.details()
         self._check_stop()
+        self._after_setup(state)
         if result.status == "timeout" and name == "SHEPHERD_TASK_TIMEOUT":
             raise Failure(f"{result.failed}, before the agent started")
         if result.failed:
@@ -5182,6 +5352,15 @@ class TaskRun:
             except OSError as exc:
                 raise Failure(f"HOME is not writable: {exc.filename}: {exc.strerror}") from None
         return result
+
+    def _after_setup(self, state: TaskState) -> None:
+        """What setup left is not the agent's: the Stop hook reads the state saved here."""
+        git = Git(state.repo_dir, self.ctx.environ, self.ctx.redact)
+        try:
+            keep_setup_leftovers(git, state)
+        except (CommandError, OSError) as exc:
+            raise Failure(f"the repository could not be read after its setup: {exc}") from None
+        state.save(os.path.join(self.state_dir, STATE_FILE))
 
     def _agent(
         self, cmd: list[str], env: dict[str, str], branch: Branch, github: GitHub, token: Token,
@@ -5215,30 +5394,30 @@ class TaskRun:
         if not self.cfg.ci_wait or outcome.event != "completed" or "pr_url" not in outcome.details:
             return outcome
         state = branch.state
-        # The pull request's branch: the runner's own when a continued one had moved.
-        name = outcome.details.get("branch") or state.branch
         api = ChecksAPI(
             parse_repo_url(state.repo_url), token.value, api_url=self.cfg.github_api_url or None,
             until=token.expires_at - TOKEN_MARGIN,
         )  # fmt: skip
         gate = ChecksGate(
-            self.cfg, state, api, pull_url=outcome.details["pr_url"], home=self.ctx.home,
-            stop=self.ctx.stop, head=lambda: remote_head(branch.git, name),
+            self.cfg, state, api, outcome, home=self.ctx.home, stop=self.ctx.stop,
+            head=lambda name: remote_head(branch.git, name),
             fix=lambda cmd, limits: self._fix_round(
                 cmd, limits, env=env, branch=branch, github=github, token=token
             ),
             spent=lambda: self.details, emit=self._emit, redact=self.ctx.redact,
+            local_of=lambda sha: local_commit(branch.signing, sha),
         )  # fmt: skip
         try:
-            return gate.run(outcome)
+            return gate.run()
         except Exception as exc:  # a bug of ours: the pull request still exists
             message = f"internal error in shepherd-runner: {type(exc).__name__}: {exc}"
             error("the wait for the checks failed", error=message)
-            return Outcome("completed", f"{outcome.message}; the checks were not watched: "
-                           f"{message}", outcome.details)  # fmt: skip
+            said = f"{gate.outcome.message}; the checks were not watched: {message}"
+            return gate.concluded(said, "unreadable", [])
 
     def _emit(self, kind: str, summary: str, **fields: Any) -> None:
-        self._events().put(self.parser.event(kind, summary, **fields))
+        with self.parser.lock:  # the checks thread emits too: events go out in sequence
+            self._events().put(self.parser.event(kind, summary, **fields))
 
     def _fix_round(
         self, cmd: list[str], limits: Limits, *, env: dict[str, str], branch: Branch,
@@ -5263,6 +5442,22 @@ class TaskRun:
     def _outcome(
         self, agent: AgentRun, state: TaskState, github: GitHub, branch: Branch
     ) -> Outcome:
+        try:
+            return self._decide(agent, state, github, branch)
+        except Failure:
+            if self.ctx.stop.signum is None:
+                raise
+            # The signal ended the conclusion's retries: one short push says where the work is.
+            reason = self.ctx.stop.reason
+            try:
+                ahead = commits_ahead(branch.git, state)
+            except (CommandError, ValueError):
+                ahead = 0
+            if not ahead:
+                return Outcome("failed", reason, {"error": reason})
+            return self._last_push(reason, state, branch, ahead)
+
+    def _decide(self, agent: AgentRun, state: TaskState, github: GitHub, branch: Branch) -> Outcome:
         reason = agent_failure(agent, self.cfg)
         if reason:
             return self._partial(reason, agent, state, github, branch)

@@ -294,7 +294,9 @@ def test_a_signal_ends_the_wait_at_once_and_its_requests(ci, github):
     waiting = threading.Thread(target=lambda: box.append(watch.start(sha, time.monotonic() + 60,
                                                                      stop)))  # fmt: skip
     waiting.start()
+    deadline = time.monotonic() + 30
     while not checks_requests(github, sha):
+        assert time.monotonic() < deadline, "the watch made no checks request in 30s"
         time.sleep(0.01)
     signalled = time.monotonic()
     stop.trigger(15)
@@ -452,3 +454,98 @@ def test_checks_the_app_may_not_read_end_the_task_as_before_with_one_line_naming
     )
     lines = [line for line in output.splitlines() if " ERROR " in line]
     assert len(lines) == 1 and "it lacks the `checks: read` permission" in lines[0], output
+
+
+# ---------------------------------------------------------------------------
+# the token against ~/.netrc, the figures across --resume
+# ---------------------------------------------------------------------------
+
+
+def test_a_netrc_entry_for_the_api_host_does_not_replace_the_installation_token(ci, github, home):
+    # requests' netrc lookup overrides an Authorization set in session headers.
+    (home / ".netrc").write_text("machine 127.0.0.1 login someone password not-the-token\n")
+    (home / ".netrc").chmod(0o600)
+    result, _ = ci.watch(ci.push())
+    assert result.state == "success", result
+    gh = sr.GitHub(ci.repo, github.token, api_url=github.api_url)
+    assert gh.find_pull("feature") is None
+
+
+def test_a_resumed_runs_cost_is_the_sessions_total_and_is_not_added_again():
+    before = {"num_turns": 4, "cost_usd": 0.2, "usage": {"input_tokens": 40}, "session_id": "s"}
+    resumed = {"num_turns": 2, "cost_usd": 0.3, "usage": {"input_tokens": 20}, "session_id": "s"}
+    total = sr.add_metrics(before, resumed)
+    assert (total["num_turns"], total["cost_usd"], total["usage"]["input_tokens"]) == (6, 0.3, 60)
+    assert sr.add_metrics(before, {"num_turns": 1})["cost_usd"] == 0.2  # no result line
+
+
+def test_the_resume_command_has_the_first_runs_flags_and_the_budget_left():
+    cfg = sr.parse_config(["serve"], {"SHEPHERD_CLAUDE_BIN": "claude", "SHEPHERD_MODEL": "m"})
+    first = sr.cli_command(cfg, "do it", turns=5, budget=1.5)
+    resumed = sr.cli_command(cfg, "fix it", turns=3, budget=0.25, resume="sid")
+    assert resumed[:3] == ["claude", "--resume", "sid"]
+    assert [a for a in resumed if a not in ("--resume", "sid")] == [
+        "fix it" if a == "do it" else {"5": "3", "1.50": "0.25"}.get(a, a) for a in first
+    ]
+
+
+# ---------------------------------------------------------------------------
+# the gate: fix rounds
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def gate(ci, github, home):
+    """A ChecksGate on branch `feature` (pull request http://pr/1); `rounds` says what each
+    fix round does: pushes files to a branch, and concludes with an outcome."""
+    rounds, prompts, events = [], [], []
+    cfg = sr.parse_config(["serve"], {"SHEPHERD_CI_WAIT": "30s", "SHEPHERD_CI_FIX_ROUNDS": "1"})
+    state = sr.TaskState("t", ci.url, str(home), "feature", "main", "")
+    first = sr.Outcome("completed", "pull request http://pr/1",
+                       {"branch": "feature", "pr_url": "http://pr/1"})  # fmt: skip
+
+    def fix(cmd, limits):
+        prompts.append(cmd[cmd.index("-p") + 1])
+        files, branch, outcome = rounds.pop(0)
+        ci.push(files, branch=branch)
+        return None, outcome
+
+    def make():
+        return sr.ChecksGate(
+            cfg, state, ci.api(), first, home=str(home), stop=sr.Stop(),
+            head=lambda name: github.branch_sha("acme", "widgets", name), fix=fix,
+            spent=lambda: {"session_id": "s", "num_turns": 1, "cost_usd": 0.0},
+            emit=lambda *a, **k: events.append(a), redact=sr.Redactor(),
+            local_of=lambda sha: f"local-{sha}", no_ci_after=1.0,
+        )  # fmt: skip
+
+    make.rounds, make.prompts = rounds, prompts
+    return make
+
+
+def test_a_fix_round_that_moves_the_work_is_watched_on_its_new_branch_and_pull_request(
+    ci, gate, home
+):
+    red = ci.push({"greet.py": "def greet():\n    return 'hi'\n"})
+    moved = sr.Outcome("completed", "pull request http://pr/2",
+                       {"branch": "shepherd/t", "pr_url": "http://pr/2"})  # fmt: skip
+    gate.rounds.append(({"greet.py": GREET}, "shepherd/t", moved))
+    outcome = gate().run()
+    assert outcome.message == "pull request http://pr/2; checks passed", outcome
+    assert outcome.details["checks"] == {"state": "success", "rounds": 1, "failed": [],
+                                         "url": "http://pr/2/checks"}  # fmt: skip
+    assert outcome.details["branch"] == "shepherd/t"
+    # With API signing the agent's clone has the local commit, not GitHub's copy.
+    [prompt] = gate.prompts
+    assert f"head commit local-{red}:" in prompt and red not in prompt.replace(f"local-{red}", "")
+    assert f"commit local-{red}" in (home / sr.FAILURES_FILE).read_text()
+
+
+def test_only_the_latest_run_of_a_failing_check_goes_into_the_failures_file(ci, gate, home):
+    runs = [sr.Check("tests", "completed", "failure", output="old run"),
+            sr.Check("tests", "completed", "failure", output="re-run")]  # fmt: skip
+    result = sr.ChecksResult("failure", "abc", runs, ["tests"])
+    gate.rounds.append(({}, "feature", sr.Outcome("failed", "no changes made")))
+    gate()._fix_round(result, 1, 1)
+    text = (home / sr.FAILURES_FILE).read_text()
+    assert "re-run" in text and "old run" not in text and text.count("## tests") == 1

@@ -134,6 +134,9 @@ def test_red_then_green_one_fix_round_with_the_failing_log_reaches_the_model(ci,
     assert github.checks.conclusions(head) == {"tests": "success"}
     # The task's figures add both runs up; the events went on in one sequence.
     assert details["num_turns"] >= 9 and details["usage"]["input_tokens"] == 10 * 9
+    # The resumed run's total_cost_usd is the session's (CLI 2.1.332): it is not added
+    # to the first run's. Each scripted reply costs the same ($0.00014: 10 in, 5 out).
+    assert details["cost_usd"] == pytest.approx(0.00014 * details["num_turns"]), details
     events = api.events(TASK)
     assert [e["sequence"] for e in events] == list(range(1, len(events) + 1))
     check_events = [e["summary"] for e in events if e.get("tool") == "checks"]
@@ -261,6 +264,7 @@ def test_sigterm_in_a_fix_round_pushes_its_commit_once_more_and_reports_pending(
     assert terminal["details"]["checks"] == {"state": "pending", "rounds": 1, "failed": [],
                                              "url": f"{pull['html_url']}/checks"}  # fmt: skip
     assert terminal["message"].startswith(f"pull request {pull['html_url']}; terminated (SIGTERM)")
+    assert "checks still running after 0s" not in terminal["message"], terminal["message"]
     # The fix the agent committed before the signal is on the pull request's branch.
     assert github.log("acme", "widgets", BRANCH)[0] == "Say hello again"
     assert processes(b"sleep\x00619\x00") == []

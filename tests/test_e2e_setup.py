@@ -44,8 +44,8 @@ def task(tmp_path, home, api, github, token, claude_bin):
         api_key = "sk-ant-test-" + secrets.token_hex(12)
         model = runner = None
 
-        def finish(self, setup, script, runner_class=Runner, **extra):
-            files = {"README.md": "hello\n"}
+        def finish(self, setup, script, runner_class=Runner, files=None, **extra):
+            files = {"README.md": "hello\n", **(files or {})}
             if setup is not None:
                 files[SCRIPT] = "#!/bin/bash\n" + setup
             repo_url = github.create_repo("acme", "widgets", files=files, executable=(SCRIPT,))
@@ -139,6 +139,23 @@ def test_failing_setup_still_runs_the_agent_which_is_told_why(task, api, github,
     assert "## The repository's setup failed" in context
     assert "fetching deps\nerror: libfoo not found\n" in context
     assert task.setup_events()[-1]["output"]["success"] is False
+
+
+def test_what_setup_installs_or_rewrites_is_not_sent_back_as_uncommitted_work(task, api, github):
+    setup = (
+        "mkdir -p node_modules/left-pad && echo x > node_modules/left-pad/index.js\n"
+        "echo '{\"lockfileVersion\": 3}' > package-lock.json\n"
+        "echo 1 > generated.txt && git add generated.txt && git commit -qm 'setup: generate'\n"
+    )
+    commit = bash("git add README.md && git commit -qm 'Update greeting'")
+    terminal = task.finish(
+        setup, [*CHANGE, commit, end("Greeting updated.")], files={"package-lock.json": "{}\n"}
+    )
+    assert terminal["event"] == "completed", api.statuses(TASK)
+    assert "uncommitted" not in terminal["details"]
+    assert terminal["details"]["commits"] == 1  # the agent's, not setup's
+    assert "You left uncommitted changes" not in task.model_saw()
+    assert "setup committed; the agent's commits count from its head" in task.runner.output
 
 
 def test_hanging_setup_is_stopped_at_its_timeout_and_leaves_no_process(task, api):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import signal
+import threading
 import time
 
 import pytest
@@ -126,9 +127,24 @@ def test_status_outage_of_60s_around_the_terminal_report_is_survived(run_task, a
 
 def test_a_step_failing_after_a_signal_is_reported_as_the_signal_not_the_symptom(run_task, api):
     stop = sr.Stop()
-    stop.trigger(signal.SIGTERM)  # the pod is being deleted while the API answers 500
-    api.fail_next(TASK, "/data", [500] * 3)
-    ending, log, terminal = run_task(stop=stop)
+    api.fail_next(TASK, "/data", [500] * 50)  # the API answers 500 while the pod is deleted
+
+    def signal_at_the_first_try():
+        api.wait_requests("/data", 1)
+        stop.trigger(signal.SIGTERM)
+
+    threading.Thread(target=signal_at_the_first_try, daemon=True).start()
+    ending, log, terminal = run_task(stop=stop, retry=sr.api_retry(total=50, backoff=0.2))
     assert ending is sr.Ending.REPORTED
     assert terminal["message"] == stop.reason
     assert "fetching the task data failed" in log
+    assert api.wait_requests("/data", 1) < 50  # the signal ended the retries
+
+
+def test_after_a_signal_no_step_starts(run_task, api, github):
+    stop = sr.Stop()
+    stop.trigger(signal.SIGTERM)  # during the `started` status
+    ending, log, terminal = run_task(stop=stop)
+    assert ending is sr.Ending.REPORTED
+    assert terminal["message"] == stop.reason
+    assert "fetch task data" not in log and github.git_requests == []

@@ -99,3 +99,6 @@ def test_sigterm_while_github_is_retried_ends_the_retries_and_reports_at_once(wo
     assert time.monotonic() - start < 10
     terminal = api.terminal(TASK)
     assert terminal["message"].startswith("terminated (SIGTERM)"), terminal
+    # ... and still says where the work is: the push came before the pull request.
+    assert f"its work (1 commit) is on branch {BRANCH}" in terminal["message"], terminal
+    assert terminal["details"]["branch"] == BRANCH

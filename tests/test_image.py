@@ -261,13 +261,39 @@ def test_image_size_is_within_budget(image: str, capsys: pytest.CaptureFixture) 
 # an empty world-writable HOME (an emptyDir hides the image's), and no network
 # (nothing may need a download). /src holds what the test wrote, read-only.
 
+# main serves the greeting as JSON over loopback HTTP and prints what it reads
+# back: building it compiles net/http, crypto/tls and encoding/json from the
+# image's Go sources, which the image trims (deploy/go-slim.dpkg.cfg).
 GO_MODULE = {
     "go.mod": "module example.com/greet\n\ngo 1.23\n",
-    "greet.go": (
-        'package main\n\nimport "fmt"\n\n'
-        'func Greeting(name string) string { return "hello, " + name }\n\n'
-        'func main() { fmt.Println(Greeting("shepherd")) }\n'
-    ),
+    "greet.go": """package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+)
+
+func Greeting(name string) string { return "hello, " + name }
+
+func main() {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_ = json.NewEncoder(w).Encode(map[string]string{"greeting": Greeting("shepherd")})
+	}))
+	defer srv.Close()
+	resp, err := http.Get(srv.URL)
+	if err != nil {
+		panic(err)
+	}
+	defer resp.Body.Close()
+	var body map[string]string
+	if err := json.NewDecoder(resp.Body).Decode(&body); err != nil {
+		panic(err)
+	}
+	fmt.Println(body["greeting"])
+}
+""",
     "greet_test.go": (
         'package main\n\nimport "testing"\n\n'
         "func TestGreeting(t *testing.T) {\n"
@@ -329,7 +355,7 @@ def show(capsys: pytest.CaptureFixture, title: str, text: str) -> None:
         print(f"\n--- {title}\n{text.rstrip()}")
 
 
-def test_go_builds_tests_and_installs_a_module_as_uid_1000(workbench, capsys) -> None:
+def test_go_builds_vets_tests_and_installs_a_module_as_uid_1000(workbench, capsys) -> None:
     module = workbench.src / "greet"
     module.mkdir()
     for name, text in GO_MODULE.items():
@@ -338,10 +364,11 @@ def test_go_builds_tests_and_installs_a_module_as_uid_1000(workbench, capsys) ->
         'test "$(id -u)" = 1000 && go version'
         " && cp -r /src/greet ~/greet && cd ~/greet"
         " && go build -o greet . && ./greet"
+        " && go vet ./..."
         " && go test -v ./..."
         " && go install . && command -v greet && greet"
     )
-    show(capsys, "go version, build, test and install in the image", proc.stdout)
+    show(capsys, "go version, build, vet, test and install in the image", proc.stdout)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("go version go1.2"), lines[0]
@@ -456,7 +483,7 @@ def test_task_runs_end_to_end_inside_the_image(image, run_args, api, github, tok
     # The image's baked settings.json hook (python -m shepherd_runner hook),
     # staged as the venv's python by its path, decided it.
     assert terminal["details"]["decided_by"] == "stop-hook", logs
-    venv_runner = "/opt/shepherd/venv/bin/python3 -m shepherd_runner"
+    venv_runner = "/opt/shepherd/venv/bin/python3 -I -m shepherd_runner"
     assert f'hook commands run this runner hooks=2 command="{venv_runner}"' in logs
     assert "executable=/opt/shepherd/venv/bin/python3" in logs
     assert github.log("acme", "widgets", f"shepherd/{TASK}")[0] == "Update greeting"

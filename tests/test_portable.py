@@ -47,18 +47,18 @@ def hook_commands(settings) -> dict[str, list[str]]:
     }
 
 
-def test_the_runner_command_is_this_interpreter_with_m_unless_frozen():
-    venv = ("/srv/runner/venv/bin/python", "-m", "shepherd_runner")
+def test_the_runner_command_is_this_interpreter_isolated_with_m_unless_frozen():
+    venv = ("/srv/runner/venv/bin/python", "-I", "-m", "shepherd_runner")
     assert sr.runner_command(venv[0], frozen=False) == venv
     assert sr.runner_command(PORTABLE[0], frozen=True) == PORTABLE
     # Under pytest the runner is the venv's module.
     default = sr.RUNNER_COMMAND
-    assert default == (sys.executable, "-m", "shepherd_runner")
+    assert default == (sys.executable, "-I", "-m", "shepherd_runner")
 
 
 def test_staging_points_the_repository_hooks_at_the_interpreter_that_runs_the_runner(home):
     settings = staged(home)
-    command = f"{shlex.quote(sys.executable)} -m shepherd_runner hook"
+    command = f"{shlex.quote(sys.executable)} -I -m shepherd_runner hook"
     assert hook_commands(settings) == {"Stop": [command], "StopFailure": [command]}
     repository = json.loads((ROOT / "settings.json").read_text())
     assert settings["hooks"]["Stop"][0]["hooks"][0]["timeout"] == 30
@@ -177,3 +177,23 @@ def test_the_readme_example_dockerfile_is_deploy_byoi_dockerfile():
     assert example in blocks, "the section has no dockerfile block that is the file"
     assert re.search(r"^ARG BASE=node:22-slim$", example, re.MULTILINE)
     assert f'ENTRYPOINT ["/usr/bin/tini", "--", "{PORTABLE[0]}"]' in example
+
+
+def test_the_staged_hook_runs_ours_in_a_repository_with_its_own_hook_module(tmp_path, home):
+    # Claude Code runs hooks in the repository's root: plain `python -m` would
+    # import the repository's hook.py (or whatever a PYTHONPATH names) first.
+    command = hook_commands(staged(home))["Stop"][0]
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    hijack = "import pathlib, sys\npathlib.Path('hijacked').touch()\nsys.exit(2)\n"
+    for name in ("hook.py", "shepherd_runner.py"):
+        (repo / name).write_text(hijack)
+    payload = {"hook_event_name": "Stop", "stop_hook_active": False, "cwd": str(repo)}
+    proc = subprocess.run(
+        command, shell=True, cwd=repo, input=json.dumps(payload), capture_output=True,
+        text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "HOME": str(home),
+                                    "PYTHONPATH": str(repo)},
+    )  # fmt: skip
+    assert not (repo / "hijacked").exists(), proc
+    # Ours ran: outside a task it says what it misses (and never exits 2).
+    assert proc.returncode == 1 and "stop hook needs SHEPHERD_API_URL" in proc.stderr, proc

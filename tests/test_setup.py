@@ -119,6 +119,17 @@ def test_the_operators_command_runs_with_bash_before_the_repositorys_script(setu
     assert setup.output_text() == "from the operator\nfrom the script"
 
 
+def test_the_operators_command_shows_as_its_setting_name_never_its_text(setup, log):
+    setup.script("echo from the script\n")
+    assert setup.run("NPM_TOKEN=inline-secret-1234 true").status == "ok"
+    calls = [e for e in setup.events if e["type"] == "tool_call"]
+    assert [(e["summary"], e["input"]) for e in calls] == [
+        ("SHEPHERD_SETUP_COMMAND", {"command": "SHEPHERD_SETUP_COMMAND"}),
+        (sr.SETUP_SCRIPT, {"command": sr.SETUP_SCRIPT}),
+    ]
+    assert "inline-secret" not in json.dumps(setup.events) + log.getvalue()
+
+
 def test_a_script_that_is_not_executable_is_skipped_with_a_hint(setup, log):
     setup.script("echo never\n", mode=0o644)
     assert sr.setup_steps(str(setup.repo), "") == []
@@ -261,6 +272,20 @@ def test_a_process_left_holding_the_output_does_not_hold_the_runner(setup):
     assert setup.left_running() == []
 
 
+def test_a_process_that_cleared_its_environment_holds_the_output_only_briefly(setup, log):
+    # `env -i` drops SHEPHERD_RUN_ID: the runner cannot find the child to stop it.
+    setup.script("env -i sleep 30 &\necho $! > escaped.pid\necho finished\n")
+    start = time.monotonic()
+    try:
+        result = setup.run()
+        assert (result.status, result.exit_code) == ("ok", 0)
+        assert time.monotonic() - start < sr.SETUP_DRAIN + 2
+    finally:
+        os.kill(int((setup.repo / "escaped.pid").read_text()), signal.SIGKILL)
+    assert setup.output_text() == "finished"
+    assert "setup output still open after the command ended; no longer read" in log.getvalue()
+
+
 def test_a_signal_during_setup_stops_it_at_once(setup):
     setup.script("echo ready\nsleep 600\n")
     setup.on_event = lambda e: e["summary"] == "ready" and setup.stop.trigger(signal.SIGTERM)
@@ -339,7 +364,9 @@ def test_env_file_lines_follow_github_env(tmp_path, log):
     "name",
     ["SHEPHERD_API_URL", "SHEPHERD_RUN_ID", "GH_TOKEN", "GIT_CONFIG_COUNT", "GIT_CONFIG_KEY_0",
      "GIT_CONFIG_GLOBAL", "HOME", "TMPDIR", "ANTHROPIC_BASE_URL", "ANTHROPIC_API_KEY", "CI",
-     "GIT_TERMINAL_PROMPT", "GIT_ALLOW_PROTOCOL", "DISABLE_AUTOUPDATER"],
+     "GIT_TERMINAL_PROMPT", "GIT_ALLOW_PROTOCOL", "DISABLE_AUTOUPDATER", "GIT_DIR",
+     "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_OBJECT_DIRECTORY", "GIT_ALTERNATE_OBJECT_DIRECTORIES",
+     "GIT_CEILING_DIRECTORIES", "GIT_ASKPASS", "SSH_ASKPASS", "GIT_SSH_COMMAND", "GIT_CONFIG"],
 )  # fmt: skip
 def test_names_the_runner_sets_are_refused_with_the_name_never_the_value(tmp_path, log, name):
     path = tmp_path / "env"
@@ -423,3 +450,90 @@ def test_the_setup_command_comes_from_the_environment_or_the_flag():
         "make deps"
     )
     assert sr.parse_config(["serve", "--setup-command", "x"], {}).setup_command == "x"
+
+
+# ---------------------------------------------------------------------------
+# what setup leaves in the clone is not the agent's uncommitted work
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def clone(tmp_path):
+    """A committed repository, a Git on it and its TaskState based on its HEAD."""
+    repo = tmp_path / "clone"
+    repo.mkdir()
+    git = sr.Git(str(repo), os.environ, sr.Redactor())
+    git("init", "-q", "-b", "main")
+    git("config", "user.name", "t")
+    git("config", "user.email", "t@example.com")
+    (repo / "package-lock.json").write_text("{}\n")
+    (repo / "README.md").write_text("hello\n")
+    git("add", "-A")
+    git("commit", "-qm", "init")
+    state = sr.TaskState("t1", "https://github.com/a/b", str(repo), "main", "main",
+                         git("rev-parse", "HEAD"))  # fmt: skip
+    return repo, git, state
+
+
+def test_what_setup_installs_and_rewrites_is_not_left_uncommitted(clone):
+    repo, git, state = clone
+    (repo / "node_modules" / "x").mkdir(parents=True)
+    (repo / "node_modules" / "x" / "index.js").write_text("1\n")
+    (repo / "build [1]*.log").write_text("log\n")
+    (repo / "package-lock.json").write_text('{"lockfileVersion": 3}\n')
+    sr.keep_setup_leftovers(git, state)
+    assert sr.uncommitted(git, state) == []
+    assert git("status", "--porcelain") == " M package-lock.json"  # git itself is not fooled
+    exclude = (repo / ".git" / "info" / "exclude").read_text()
+    assert f"{sr.EXCLUDE_BEGIN}\n/build \\[1]\\*.log\n/node_modules/\n{sr.EXCLUDE_END}\n" in exclude
+
+
+def test_the_agents_own_changes_still_count_also_to_a_file_setup_changed(clone):
+    repo, git, state = clone
+    (repo / "package-lock.json").write_text('{"lockfileVersion": 3}\n')
+    (repo / "gone.txt").write_text("x\n")
+    sr.keep_setup_leftovers(git, state)
+    (repo / "package-lock.json").write_text('{"lockfileVersion": 3, "agent": 1}\n')
+    (repo / "README.md").write_text("hello world\n")
+    (repo / "notes.txt").write_text("new\n")
+    assert sorted(sr.uncommitted(git, state)) == ["README.md", "notes.txt", "package-lock.json"]
+
+
+def test_a_file_setup_deleted_counts_only_once_the_agent_brings_it_back(clone):
+    repo, git, state = clone
+    (repo / "README.md").unlink()
+    sr.keep_setup_leftovers(git, state)
+    assert state.setup_files == {"README.md": ""}
+    assert sr.uncommitted(git, state) == []
+    (repo / "README.md").write_text("back\n")
+    assert sr.uncommitted(git, state) == ["README.md"]
+
+
+def test_a_second_setup_adds_to_the_runners_exclude_block_and_keeps_the_rest(clone):
+    repo, git, state = clone
+    exclude = repo / ".git" / "info" / "exclude"
+    exclude.write_text("# mine\n*.swp")
+    (repo / ".venv").mkdir()
+    (repo / ".venv" / "x").write_text("1\n")
+    sr.keep_setup_leftovers(git, state)
+    (repo / "dist").mkdir()
+    (repo / "dist" / "x").write_text("1\n")
+    sr.keep_setup_leftovers(git, state)
+    assert exclude.read_text() == (
+        f"# mine\n*.swp\n{sr.EXCLUDE_BEGIN}\n/.venv/\n/dist/\n{sr.EXCLUDE_END}\n"
+    )
+
+
+def test_commits_setup_made_are_not_the_agents_and_the_base_stays_the_remotes(clone, log):
+    repo, git, state = clone
+    before = state.base_sha
+    (repo / "generated.txt").write_text("1\n")
+    git("add", "-A")
+    git("commit", "-qm", "setup's commit")
+    sr.keep_setup_leftovers(git, state)
+    assert (state.base_sha, state.setup_sha) == (before, git("rev-parse", "HEAD"))
+    assert sr.commits_ahead(git, state) == 0
+    (repo / "README.md").write_text("the agent's\n")
+    git("commit", "-qam", "the agent's commit")
+    assert sr.commits_ahead(git, state) == 1
+    assert "setup committed; the agent's commits count from its head" in log.getvalue()
