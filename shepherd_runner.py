@@ -2442,8 +2442,8 @@ class Backup:
 
     def tick(self) -> None:
         local = self.branch.head()  # the one subprocess of a tick when nothing changed
-        if not local or local == self.state.base_sha:
-            return
+        if not local or local == (self.state.setup_sha or self.state.base_sha):
+            return  # nothing of the agent's yet (setup's commits wait for the agent's)
         if not (self.branch.own or self.branch).pushed(local):
             start = time.monotonic()
             saved = save_work(self.branch, time.monotonic(), retry=False)  # the next tick retries
@@ -4268,8 +4268,9 @@ def local_commit(signing: Signing, sha: str) -> str:
 
 def remote_head(git: Git, branch: str) -> str:
     """The sha of `branch` on the remote: what the pull request's checks run on."""
-    out = git("ls-remote", "origin", f"refs/heads/{branch}", timeout=REMOTE_HEAD_TIMEOUT)
-    return out.split("\t")[0] if out else ""
+    return ls_remote_sha(
+        git("ls-remote", "origin", f"refs/heads/{branch}", timeout=REMOTE_HEAD_TIMEOUT)
+    )
 
 
 # ---------------------------------------------------------------------------
