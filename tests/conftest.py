@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import pathlib
 import re
@@ -13,6 +15,7 @@ import pytest
 TESTS = pathlib.Path(__file__).parent
 sys.path.insert(0, str(TESTS))
 
+import shepherd_runner as sr  # noqa: E402
 from fake_github import FakeGitHub  # noqa: E402
 from fake_shepherd import FakeShepherd  # noqa: E402
 
@@ -74,3 +77,15 @@ def claude_bin():
             "run the tests with `make test`, which installs it"
         )
     return path
+
+
+@pytest.fixture
+def log():
+    """The runner's log lines while the test runs, redacted as in production."""
+    logger = logging.getLogger("shepherd_runner")
+    state = (list(logger.handlers), logger.level, logger.propagate)
+    stream = io.StringIO()
+    sr.setup_logging(stream, sr.Redactor())
+    yield stream
+    sr.setup_logging(io.StringIO(), sr.Redactor())  # also empties the log context
+    logger.handlers[:], logger.level, logger.propagate = state

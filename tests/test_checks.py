@@ -8,9 +8,7 @@ runs with the real ones in tests/test_e2e_checks.py.
 
 from __future__ import annotations
 
-import io
 import itertools
-import logging
 import pathlib
 import sys
 import threading
@@ -26,17 +24,6 @@ from harness import Runner, runner_env
 FAST = 0.1  # the poll interval of these tests
 PASSING = "from greet import greet\n\nassert greet() == 'hello', greet()\nprint('1 passed')\n"
 GREET = "def greet():\n    return 'hello'\n"
-
-
-@pytest.fixture
-def log():
-    """The runner's log lines, in a string; the logger put back afterwards."""
-    logger = logging.getLogger("shepherd_runner")
-    state = (list(logger.handlers), logger.level, logger.propagate)
-    stream = io.StringIO()
-    sr.setup_logging(stream, sr.Redactor())
-    yield stream
-    logger.handlers[:], logger.level, logger.propagate = state
 
 
 @pytest.fixture

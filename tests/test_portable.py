@@ -7,9 +7,7 @@ tests (tests/test_image.py) run both builds whole; these are the pieces.
 
 from __future__ import annotations
 
-import io
 import json
-import logging
 import re
 import shlex
 import subprocess
@@ -21,18 +19,6 @@ import shepherd_runner as sr
 from conftest import ROOT
 
 PORTABLE = ("/opt/shepherd-runner/shepherd-runner",)
-
-
-@pytest.fixture
-def log():
-    """The runner's log lines while the test runs."""
-    logger = logging.getLogger("shepherd_runner")
-    state = (list(logger.handlers), logger.level, logger.propagate)
-    stream = io.StringIO()
-    sr.setup_logging(stream, sr.Redactor())
-    yield stream
-    sr.setup_logging(io.StringIO(), sr.Redactor())  # also empties the log context
-    logger.handlers[:], logger.level, logger.propagate = state
 
 
 def staged(home, config_dir=ROOT, **runner):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import secrets
 import signal
@@ -23,16 +22,7 @@ import shepherd_runner as sr
 
 WAIT = 30  # seconds; only reached when something is broken
 
-
-@pytest.fixture(autouse=True)
-def log():
-    """The runner's log lines, redacted as in production, in a buffer."""
-    logger = logging.getLogger("shepherd_runner")
-    state = (list(logger.handlers), logger.level, logger.propagate)
-    stream = io.StringIO()
-    sr.setup_logging(stream, sr.Redactor())
-    yield stream
-    logger.handlers[:], logger.level, logger.propagate = state
+pytestmark = pytest.mark.usefixtures("log")
 
 
 class Setup:
