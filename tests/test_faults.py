@@ -137,7 +137,7 @@ def test_a_step_failing_after_a_signal_is_reported_as_the_signal_not_the_symptom
     ending, log, terminal = run_task(stop=stop, retry=sr.api_retry(total=50, backoff=0.2))
     assert ending is sr.Ending.REPORTED
     assert terminal["message"] == stop.reason
-    assert "fetching the task data failed" in log
+    assert "ERROR fetch task data failed" in log  # the symptom is logged, the signal reported
     assert api.wait_requests("/data", 1) < 50  # the signal ended the retries
 
 

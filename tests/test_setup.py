@@ -264,7 +264,12 @@ def test_a_process_left_holding_the_output_does_not_hold_the_runner(setup):
 
 def test_a_process_that_cleared_its_environment_holds_the_output_only_briefly(setup, log):
     # `env -i` drops SHEPHERD_RUN_ID: the runner cannot find the child to stop it.
-    setup.script("env -i sleep 30 &\necho $! > escaped.pid\necho finished\n")
+    # Finishes once the child has dropped it (a scan before its exec would find it).
+    setup.script(
+        "env -i sleep 30 &\necho $! > escaped.pid\n"
+        "while tr '\\0' '\\n' < /proc/$!/environ | grep -q '^SHEPHERD_RUN_ID='; do :; done\n"
+        "echo finished\n"
+    )
     start = time.monotonic()
     try:
         result = setup.run()
