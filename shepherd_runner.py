@@ -361,6 +361,11 @@ def _rfc3339(epoch: float) -> str:
     return stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def code_fence(text: str) -> str:
+    """A markdown code fence that `text` cannot close: longer than any run of backticks in it."""
+    return "`" * max(3, 1 + max(map(len, re.findall(r"`+", text)), default=0))
+
+
 def clip(text: str, limit: int) -> str:
     """At most `limit` characters (str slicing never splits a character)."""
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -3416,7 +3421,7 @@ def setup_context(result: SetupResult) -> str:
     text, removed = sanitize_task_text("\n".join(result.tail))
     if removed:
         info("setup output sanitized", removed_chars=removed)
-    fence = "`" * max(3, 1 + max(map(len, re.findall(r"`+", text)), default=0))
+    fence = code_fence(text)
     lines = _plural(len(result.tail), "line")
     return (
         f"\n\n## The repository's setup failed\n\n{result.failed}. Its last {lines} of "
@@ -4009,7 +4014,7 @@ def failures_text(
         source = "log" if text is not None else "output"
         lines = _log_lines(text if text is not None else check.output) or ["(no output)"]
         body = "\n".join(lines)
-        fence = "`" * max(3, max((len(m) for m in re.findall(r"`+", body)), default=0) + 1)
+        fence = code_fence(body)
         parts.append(
             f"\n## {check.name}: {check.conclusion}\n\nURL: {check.url or '(none)'}\n\n"
             f"Last {len(lines)} lines of its {source}:\n\n{fence}\n{body}\n{fence}\n"
