@@ -482,7 +482,6 @@ RETRY_STATUSES = (429, 500, 502, 503, 504)
 def _deadline_types() -> tuple[type[Retry], type[Timeout]]:
     """(DeadlineRetry, DeadlineTimeout), made on first use: they subclass urllib3's."""
     from urllib3.exceptions import MaxRetryError, ResponseError  # noqa: PLC0415
-    from urllib3.util import Timeout  # noqa: PLC0415
     from urllib3.util.retry import Retry  # noqa: PLC0415
 
     class DeadlineRetry(Retry):
@@ -527,6 +526,13 @@ def _deadline_types() -> tuple[type[Retry], type[Timeout]]:
             elif self.stop.wait(max(wait, 0)):
                 raise MaxRetryError(None, "", ResponseError("a signal ended the retries"))
 
+    return DeadlineRetry, _deadline_timeout_type()
+
+
+@functools.cache
+def _deadline_timeout_type() -> type[Timeout]:
+    from urllib3.util import Timeout  # noqa: PLC0415
+
     class DeadlineTimeout(Timeout):
         """(connect, read) seconds for each try, and every try ends by `deadline`."""
 
@@ -539,7 +545,7 @@ def _deadline_types() -> tuple[type[Retry], type[Timeout]]:
             left = max(self.deadline - time.monotonic(), 0.1)
             return Timeout(connect=self.per_try[0], read=self.per_try[1], total=left)
 
-    return DeadlineRetry, DeadlineTimeout
+    return DeadlineTimeout
 
 
 def api_retry(
@@ -2323,6 +2329,17 @@ def expired_outcome(state: TaskState, git: Git, branch: Branch, details: dict) -
     return Outcome("failed", message, details | {"error": message})
 
 
+def _commit_first(state: TaskState, dirty: list[str]) -> Outcome:
+    """`block`: the agent is sent back to commit or discard what it left."""
+    files = ", ".join(dirty[:10]) + (" …" if len(dirty) > 10 else "")
+    return Outcome(
+        "block",
+        "You left uncommitted changes in the repository "
+        f"({files}). Commit the ones that belong to the task on branch "
+        f"{state.branch} and discard the rest, then finish.",
+    )
+
+
 def _no_commits(state: TaskState, git: Git, details: dict, last_message: str) -> Outcome:
     """`failed`: no commits on the task's branch (maybe on another one)."""
     head = git("rev-parse", "--abbrev-ref", "HEAD")
@@ -2354,13 +2371,7 @@ def conclude(
     """
     dirty = uncommitted(git, state)
     if dirty and may_block:
-        files = ", ".join(dirty[:10]) + (" …" if len(dirty) > 10 else "")
-        return Outcome(
-            "block",
-            "You left uncommitted changes in the repository "
-            f"({files}). Commit the ones that belong to the task on branch "
-            f"{state.branch} and discard the rest, then finish.",
-        )
+        return _commit_first(state, dirty)
     details: dict[str, Any] = {"branch": state.branch}
     if dirty:
         details["uncommitted"] = dirty[:50]
