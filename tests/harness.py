@@ -37,10 +37,14 @@ class Runner:
         line = self.wait_for(self.LISTENING)
         self.port = int(re.search(self.PORT, line)[1])
 
+    def on_line(self, line: str) -> None:
+        """Called with each output line as it comes, before it is recorded: a test's hook."""
+
     def _read(self) -> None:
         for line in self.proc.stdout:
             if self.echo:
                 print(line, end="", flush=True)
+            self.on_line(line)
             with self.cond:
                 self.lines.append(line.rstrip("\n"))
                 self.cond.notify_all()

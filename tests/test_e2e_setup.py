@@ -207,16 +207,9 @@ def test_a_signal_during_setup_ends_the_task_like_anywhere_else(task, api):
     class Signalling(Runner):
         """Sends SIGTERM once the runner logs the setup's first line."""
 
-        def _read(self):
-            for line in self.proc.stdout:
-                if " setup output line=ready " in line:
-                    self.proc.send_signal(signal.SIGTERM)
-                with self.cond:
-                    self.lines.append(line.rstrip("\n"))
-                    self.cond.notify_all()
-            with self.cond:
-                self.lines.append("<eof>")
-                self.cond.notify_all()
+        def on_line(self, line):
+            if " setup output line=ready " in line:
+                self.proc.send_signal(signal.SIGTERM)
 
     terminal = task.finish("echo ready\nsleep 615\n", [end("Never asked.")], Signalling)
     assert task.code == 0
